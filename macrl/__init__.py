@@ -1,0 +1,46 @@
+"""MACRL: Masked Contrastive Representation Learning (MAE + MoCo v3) for vision transformers.
+
+Importing `macrl` registers the MACRL classes with transformers' Auto classes, so `AutoConfig`, `AutoModel`,
+`AutoModelForPreTraining`, `AutoModelForImageClassification` and `AutoImageProcessor` load MACRL folders, and
+`save_pretrained` writes the code files (the image processor's too) and `auto_map` that `trust_remote_code=True` needs where macrl is absent.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+from .configuration_macrl import MACRLConfig
+from .image_processing_macrl import MACRLImageProcessor
+from .modeling_macrl import (
+    MACRLForImageClassification,
+    MACRLForPreTraining,
+    MACRLModel,
+    MACRLPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MACRLConfig.model_type, MACRLConfig, exist_ok=True)
+AutoModel.register(MACRLConfig, MACRLModel, exist_ok=True)
+AutoModelForPreTraining.register(MACRLConfig, MACRLForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(MACRLConfig, MACRLForImageClassification, exist_ok=True)
+AutoImageProcessor.register(MACRLConfig, image_processor_classes={"torchvision": MACRLImageProcessor}, exist_ok=True)
+
+# Saved folders carry the code and `auto_map`, for loading with trust_remote_code=True where macrl is not installed.
+MACRLConfig.register_for_auto_class()
+MACRLModel.register_for_auto_class("AutoModel")
+MACRLForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+MACRLForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "MACRLConfig",
+    "MACRLImageProcessor",
+    "MACRLPreTrainedModel",
+    "MACRLModel",
+    "MACRLForPreTraining",
+    "MACRLForImageClassification",
+]
