@@ -37,12 +37,21 @@ class MACRLImageProcessor(ViTImageProcessor):
     """
 
     num_channels = 3
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
     valid_kwargs = MACRLImageProcessorKwargs
 
     def __init__(self, **kwargs: Unpack[MACRLImageProcessorKwargs]):
+        channels = kwargs.get("num_channels", self.num_channels)
+        if channels not in (1, 3):
+            raise ValueError(f"num_channels must be 1 or 3, got {channels}")
+        # the default normalisation maps [0, 1] to [-1, 1] for any channel count
+        kwargs.setdefault("image_mean", [0.5] * channels)
+        kwargs.setdefault("image_std", [0.5] * channels)
+        for name in ("image_mean", "image_std"):
+            if len(kwargs[name]) != channels:
+                raise ValueError(f"{name} has {len(kwargs[name])} values but num_channels is {channels}")
         super().__init__(**kwargs)
-        if self.num_channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 or 3, got {self.num_channels}")
 
     def process_image(self, image: ImageInput, *args, **kwargs) -> torch.Tensor:
         if isinstance(image, Image.Image):
@@ -73,13 +82,7 @@ class MACRLImageProcessor(ViTImageProcessor):
     @classmethod
     def from_model_config(cls, config) -> "MACRLImageProcessor":
         """The processor that matches a `MACRLConfig` (size and channels), with the default normalisation."""
-        mean, std = ([0.5], [0.5]) if config.num_channels == 1 else ([0.5] * 3, [0.5] * 3)
-        return cls(
-            size={"height": config.image_size, "width": config.image_size},
-            num_channels=config.num_channels,
-            image_mean=mean,
-            image_std=std,
-        )
+        return cls(size={"height": config.image_size, "width": config.image_size}, num_channels=config.num_channels)
 
 
 __all__ = ["MACRLImageProcessor"]

@@ -1,0 +1,210 @@
+"""A folder of image files as an ``ImageSource`` (``--data DIR``).
+
+Also home of the PIL decoding helpers (``open_image`` / ``convert_image_mode``)
+that the Hugging Face source reuses, so every source turns odd modes (16-bit,
+palette + transparency, CMYK, ...) into the same 8-bit ``"RGB"`` / ``"L"`` images.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+)
+
+# Transparent pixels are composited onto white: images with an alpha channel are
+# mostly logos / product shots / sketches drawn on "paper", and dropping alpha
+# instead would expose whatever colour the encoder left under it (often black).
+ALPHA_BACKGROUND = "white"
+
+_SIXTEEN_BIT_SCALE = 1 / 257  # 65535 / 257 == 255 exactly
+
+# Everything PIL raises for an undecodable file: UnidentifiedImageError and
+# "image file is truncated" are OSErrors, broken PNG chunks raise SyntaxError,
+# some plugins raise ValueError / EOFError / struct.error (a ValueError-like).
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError,
+)
+
+
+class UnreadableImageError(ValueError):
+    """An image file cannot be decoded; the message names the file and the cause."""
+
+
+def convert_image_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL image to 8-bit ``mode`` (``"RGB"`` or ``"L"``) without losing range.
+
+    PIL's own ``convert`` clips 16/32-bit grey values at 255 (a 16-bit scan turns
+    almost white) and ignores palette transparency, so those modes are handled first:
+
+    * ``I;16*``: full 16-bit range, scaled by 1/257.
+    * ``I`` / ``F``: the range is guessed from the extrema: ``F`` with max <= 1 is
+      treated as [0, 1]; anything with max > 255 as 16-bit; otherwise as 8-bit.
+    * ``P`` with transparency, ``PA``, ``LA``, ``RGBA``, ``RGBa``: composited onto
+      ``ALPHA_BACKGROUND``.
+    * ``CMYK``, ``YCbCr``, ``1``, ...: PIL's conversion.
+    """
+    if image.mode.startswith("I;16"):
+        image = image.convert("I").point(lambda v: v * _SIXTEEN_BIT_SCALE + 0.5)
+    elif image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        if image.mode == "F" and high <= 1.0:
+            image = image.point(lambda v: v * 255 + 0.5)
+        elif high > 255:
+            image = image.point(lambda v: v * _SIXTEEN_BIT_SCALE + 0.5)
+        # Pillow clips out-of-range values to [0, 255] when going to "L".
+        image = image.convert("L")
+
+    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "PA", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND)
+        image = Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "I":
+        image = image.convert("L")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def open_image(path: str | Path, mode: str) -> Image.Image:
+    """Fully decode the first frame of ``path`` in 8-bit ``mode``, EXIF rotation applied.
+
+    PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) stays in force.
+
+    Raises:
+        UnreadableImageError: missing, corrupt, truncated, not an image, or over the
+            decompression-bomb limit; the original exception is chained.
+    """
+    try:
+        with Image.open(path) as image:
+            image.seek(0)  # animated GIF/WebP/TIFF: train on the first frame
+            image.load()
+            # Phone photos store rotation in EXIF; ignoring it trains on sideways images.
+            # exif_transpose returns a copy, which stays valid after the file is closed.
+            image = ImageOps.exif_transpose(image)
+            return convert_image_mode(image, mode)
+    except _DECODE_ERRORS as e:
+        raise UnreadableImageError(
+            f"Cannot read image {path}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _scan_image_files(root: Path) -> list[Path]:
+    """All image files under ``root`` (recursive), sorted by relative path.
+
+    Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``...) are skipped.
+    Sorting the relative POSIX paths makes the order, and so the indices and the
+    seeded augmentations, the same on every machine.
+    """
+    found: list[Path] = []
+    for directory, subdirectories, filenames in os.walk(root, followlinks=True):
+        subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+        for filename in filenames:
+            if not filename.startswith(".") and filename.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(directory, filename))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+class ImageFolderSource:
+    """Every image file under ``root`` as an ``ImageSource``.
+
+    Labels: if every image sits inside a first-level subfolder of ``root``
+    (``root/cat/x.jpg``, ``root/dog/sub/y.png``), the subfolder names, sorted, are
+    the classes; otherwise (any image directly in ``root``) ``labels`` is ``None``.
+
+    Args:
+        root: folder to scan recursively for ``IMAGE_EXTENSIONS`` (case-insensitive).
+        mode: ``"RGB"`` or ``"L"``; every image is converted to it.
+        skip_unreadable: if True, the constructor calls ``validate()``, which fully
+            decodes every file once and drops the ones that fail (recorded in
+            ``skipped``). If False, a bad file raises ``UnreadableImageError`` when
+            it is loaded.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is a file.
+        ValueError: no image files under ``root`` (or none readable).
+    """
+
+    def __init__(
+        self, root: str | Path, mode: str = "RGB", skip_unreadable: bool = False
+    ) -> None:
+        if mode not in ("RGB", "L"):
+            raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
+        self.root = Path(root)
+        self.mode = mode
+        self.name = f"imagefolder:{self.root}"
+        if not self.root.exists():
+            raise FileNotFoundError(f"Image folder not found: {self.root}")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"Not a folder: {self.root}")
+
+        self.paths: list[Path] = _scan_image_files(self.root)
+        if not self.paths:
+            raise ValueError(
+                f"No image files found under {self.root} "
+                f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)})"
+            )
+
+        relative_parts = [p.relative_to(self.root).parts for p in self.paths]
+        self.class_names: list[str] | None = None
+        self.labels: list[int] | None = None
+        if all(len(parts) >= 2 for parts in relative_parts):
+            # Classes come from all scanned files, before validate() drops any, so
+            # a corrupt file never shifts the class indices.
+            self.class_names = sorted({parts[0] for parts in relative_parts})
+            class_index = {name: i for i, name in enumerate(self.class_names)}
+            self.labels = [class_index[parts[0]] for parts in relative_parts]
+
+        self.skipped: list[tuple[str, str]] = []
+        if skip_unreadable:
+            self.validate()
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Decode every file once; drop those that fail and record them in ``skipped``.
+
+        A full decode (not ``Image.verify()``) is used because ``verify`` misses
+        truncated JPEG data; it costs one pass over the folder.
+
+        Returns:
+            The ``(path, reason)`` pairs dropped by this call.
+
+        Raises:
+            ValueError: no readable image is left.
+        """
+        kept_paths: list[Path] = []
+        kept_labels: list[int] = []
+        newly_skipped: list[tuple[str, str]] = []
+        for index, path in enumerate(self.paths):
+            try:
+                open_image(path, self.mode)
+            except UnreadableImageError as e:
+                newly_skipped.append((str(path), str(e.__cause__ or e)))
+                continue
+            kept_paths.append(path)
+            if self.labels is not None:
+                kept_labels.append(self.labels[index])
+        if not kept_paths:
+            raise ValueError(
+                f"No readable images under {self.root}: all {len(self.paths)} files failed "
+                f"to decode (first: {newly_skipped[0][0]}: {newly_skipped[0][1]})"
+            )
+        self.paths = kept_paths
+        if self.labels is not None:
+            self.labels = kept_labels
+        self.skipped.extend(newly_skipped)
+        return newly_skipped
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, index: int) -> Image.Image:
+        return open_image(self.paths[index], self.mode)
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
