@@ -4,19 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from every process along dim 0. Keys carry no gradient, so no autograd is needed."""
-    if not is_distributed():
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
+from .distributed import concat_all_gather, is_distributed
 
 
 def info_nce_loss(

@@ -32,7 +32,8 @@ from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_pos
 from transformers.utils import ModelOutput
 
 from .configuration_macrl import MACRLConfig
-from .contrastive_loss import concat_all_gather, info_nce_loss
+from .contrastive_loss import info_nce_loss
+from .distributed import GlobalBatchNorm1d, concat_all_gather
 
 # what a saved folder's code can build, whichever class saved it (transformers only lists the saving class)
 _AUTO_MAP = {
@@ -202,19 +203,22 @@ class MACRLDecoder(nn.Module):
 
 
 class MACRLProjectionHead(nn.Sequential):
-    """MoCo v3's MLP (`_build_mlp`): Linear-BN-ReLU blocks, a last Linear, and an affine-free BN on projectors."""
+    """MoCo v3's MLP (`_build_mlp`): Linear-BN-ReLU blocks, a last Linear, and an affine-free BN on projectors.
+
+    The BatchNorms normalise over the global batch when several processes train (see `GlobalBatchNorm1d`).
+    """
 
     def __init__(self, num_layers: int, input_dim: int, hidden_dim: int, output_dim: int, last_batch_norm: bool):
         layers: list[nn.Module] = []
         for index in range(num_layers):
             in_dim = input_dim if index == 0 else hidden_dim
             if index < num_layers - 1:
-                layers += [nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+                layers += [nn.Linear(in_dim, hidden_dim, bias=False), GlobalBatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             else:
                 layers.append(nn.Linear(in_dim, output_dim, bias=False))
                 if last_batch_norm:
                     # MoCo v3 follows SimCLR: no learnable affine on the projector's output
-                    layers.append(nn.BatchNorm1d(output_dim, affine=False))
+                    layers.append(GlobalBatchNorm1d(output_dim, affine=False))
         super().__init__(*layers)
 
 

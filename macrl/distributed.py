@@ -1,0 +1,49 @@
+"""Cross-process pieces of the contrastive head: gathering keys, and BatchNorm over the global batch."""
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every process along dim 0. Keys carry no gradient, so no autograd is needed."""
+    if not is_distributed():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """`nn.BatchNorm1d` whose training statistics span the batch of every process, as MoCo v3's SyncBatchNorm does.
+
+    torch's `SyncBatchNorm` has no CPU kernel, so several CPU processes (gloo) would each normalise with their own
+    shard's statistics and train a different model than one process with the same global batch. The parameters and
+    buffers are those of `nn.BatchNorm1d`, so checkpoints are interchangeable with it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        # two differentiable all-reduces: the global mean, then the global variance around it
+        count = torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device)
+        total = dist_nn.all_reduce(torch.cat([x.sum(dim=0), count]))
+        num = total[-1]
+        mean = total[:-1] / num  # [C]
+        var = dist_nn.all_reduce((x - mean).pow(2).sum(dim=0)) / num  # [C], biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                unbiased = var * num / (num - 1).clamp(min=1)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(unbiased, self.momentum)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y

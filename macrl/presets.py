@@ -1,0 +1,84 @@
+"""Named model configurations for `macrl-pretrain --config NAME`.
+
+`fmnist` is the embedded default: a small ViT for 28x28 grayscale images that trains to a useful encoder on two CPU
+cores. The ImageNet-sized presets are for machines with accelerators.
+"""
+
+import json
+from pathlib import Path
+
+from .configuration_macrl import MACRLConfig
+
+_SMALL_HEADS = dict(projection_dim=256, projector_hidden_size=1024, predictor_hidden_size=1024)
+
+PRESETS: dict[str, dict] = {
+    # 28x28 grayscale, 7x7 patches of 4 px; width 192 as in ViT-Tiny, shallow enough for a CPU
+    "fmnist": dict(
+        image_size=28,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=192,
+        num_hidden_layers=6,
+        num_attention_heads=3,
+        intermediate_size=768,
+        decoder_hidden_size=128,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=512,
+        **_SMALL_HEADS,
+    ),
+    # a few-second model for smoke tests
+    "tiny": dict(
+        image_size=28,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+        projection_dim=16,
+        projector_hidden_size=32,
+        predictor_hidden_size=32,
+    ),
+    "vit-small-patch16-224": dict(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        decoder_hidden_size=512,
+        decoder_num_hidden_layers=8,
+        decoder_num_attention_heads=16,
+        decoder_intermediate_size=2048,
+    ),
+    "vit-base-patch16-224": dict(),  # MACRLConfig's defaults
+}
+
+
+def load_config(name_or_path: str, **overrides) -> MACRLConfig:
+    """A `MACRLConfig` from a preset name, a JSON file, a folder with config.json, or a JSON object string.
+
+    `overrides` replace single fields (e.g. `mask_ratio=0.5`). Unknown names raise a `ValueError` listing the presets.
+    """
+    if name_or_path in PRESETS:
+        fields = dict(PRESETS[name_or_path])
+    elif name_or_path.lstrip().startswith("{"):
+        fields = json.loads(name_or_path)
+    else:
+        path = Path(name_or_path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(
+                f"unknown config {name_or_path!r}: not a preset ({', '.join(PRESETS)}), "
+                "a JSON file, a folder with config.json, or a JSON object"
+            )
+        fields = json.loads(path.read_text())
+    fields.pop("model_type", None)
+    fields.pop("auto_map", None)
+    fields.pop("architectures", None)
+    fields.pop("transformers_version", None)
+    return MACRLConfig(**{**fields, **overrides})

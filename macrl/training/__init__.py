@@ -1,0 +1,1 @@
+"""The pre-training loop of `macrl-pretrain`: transformers' Trainer with MACRL's momentum branch, data and outputs."""

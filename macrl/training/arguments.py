@@ -1,0 +1,78 @@
+"""Command-line arguments of `macrl-pretrain`: one dataclass, parsed by transformers' `HfArgumentParser`."""
+
+from dataclasses import dataclass, field, fields
+
+from transformers import HfArgumentParser
+
+
+def _flag(default, help: str, **kwargs):
+    """A dataclass field whose help `--help` prints; the hyphenated spelling is added by `build_parser`."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class PretrainingArguments:
+    data: str | None = _flag(
+        None,
+        "Training images: a folder (recursive; class subfolders, if any, are used for the kNN evaluation), a saved "
+        "`datasets` dataset or dataset name. Default: Fashion-MNIST from Debian's dataset-fashion-mnist package.",
+    )
+    output_dir: str = _flag("outputs/macrl-fmnist", "Where the model, encoder/, logs, pictures and checkpoints go.")
+    config: str = _flag("fmnist", "Model config: a preset name (fmnist, tiny, vit-small-patch16-224, "
+                        "vit-base-patch16-224), a JSON file, a folder with config.json, or a JSON object.")
+    batch_size: int = _flag(256, "Global batch size (split evenly over the processes).")
+    epochs: float = _flag(100.0, "Passes over the data; ignored when --max-steps or --max-minutes sets the length.")
+    max_steps: int = _flag(-1, "Optimiser steps to train; -1 to use --epochs or --max-minutes.")
+    max_minutes: float | None = _flag(
+        None,
+        "Training-time budget. Without --max-steps, the step count (and so the learning-rate and momentum "
+        "schedules) is fitted to it from a short timing of real steps; training always stops when it is spent.",
+    )
+    lr: float = _flag(1.5e-4, "Base learning rate; the optimiser uses lr x batch_size / 256 (MAE's rule).")
+    warmup_ratio: float = _flag(0.05, "Fraction of the steps spent warming the learning rate up linearly.")
+    weight_decay: float = _flag(0.05, "AdamW weight decay (not on biases, norms, tokens and positions).")
+    max_grad_norm: float = _flag(0.0, "Clip gradients to this norm; 0 disables clipping.")
+    seed: int = _flag(0, "Seed of the model initialisation, the data order, the augmentations and the masks.")
+    resume: str | None = _flag(
+        None,
+        "Continue from a checkpoint: a checkpoint folder, or `latest` (the default when the flag has no value) "
+        "for the newest one under OUTPUT_DIR/checkpoints.",
+        nargs="?",
+        const="latest",
+    )
+    save_steps: int = _flag(500, "Write a checkpoint every this many steps (and always at the end).")
+    save_total_limit: int = _flag(2, "Keep only the newest this many checkpoints.")
+    logging_steps: int = _flag(20, "Log (terminal, JSONL) every this many steps.")
+    push_to_hub: str | None = _flag(None, "Hub repo id (org/name) to upload encoder/ to at the end.")
+    hub_private: bool = _flag(False, "Create the Hub repo as private.")
+    push_checkpoints: bool = _flag(False, "With --push-to-hub, also upload encoder/ at every checkpoint.")
+    num_workers: int = _flag(1, "Data-loading worker processes per training process.")
+    device: str = _flag("auto", "auto, cpu, cuda or mps.")
+    bf16: bool = _flag(False, "Train under bfloat16 autocast (CPUs with AMX and recent GPUs).")
+    fp16: bool = _flag(False, "Train under float16 autocast with loss scaling (GPUs).")
+    compile: bool = _flag(False, "Compile the model with torch.compile.")
+    mask_ratio: float | None = _flag(None, "Override the config's mask_ratio.")
+    reconstruction_weight: float | None = _flag(None, "Override the config's reconstruction_weight (0: MoCo v3).")
+    contrastive_weight: float | None = _flag(None, "Override the config's contrastive_weight (0: MAE).")
+    image_column: str | None = _flag(None, "Image column of a `datasets` dataset (default: detected).")
+    label_column: str | None = _flag(None, "Label column of a `datasets` dataset (default: detected).")
+    limit_images: int | None = _flag(None, "Train on the first N images only (smoke tests, quick looks).")
+    skip_unreadable: bool = _flag(False, "Skip unreadable image files (listed at the start) instead of stopping.")
+    knn_eval: bool = _flag(True, "Evaluate the encoder with a weighted kNN classifier at the end (needs labels).")
+    eval_images: int = _flag(10000, "At most this many held-out images for the kNN evaluation and pictures.")
+
+    def config_overrides(self) -> dict:
+        names = ("mask_ratio", "reconstruction_weight", "contrastive_weight")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def build_parser() -> HfArgumentParser:
+    """`HfArgumentParser` of `PretrainingArguments` that accepts `--batch-size` as well as `--batch_size`."""
+    for arg in fields(PretrainingArguments):
+        if "_" in arg.name:
+            arg.metadata = {**arg.metadata, "aliases": [f"--{arg.name.replace('_', '-')}"]}
+    return HfArgumentParser(
+        PretrainingArguments,
+        prog="macrl-pretrain",
+        description="Pre-train a MACRL encoder (masked reconstruction + MoCo v3 contrast) and export it.",
+    )

@@ -1,0 +1,68 @@
+"""Trainer callbacks of the pre-training loop: momentum EMA, data epoch, time budget and the JSONL log."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from ..data import TwoViewDataset
+from ..distributed import is_distributed
+
+
+class MomentumUpdateCallback(TrainerCallback):
+    """After every optimiser step, move the momentum branch towards the main branch (cosine schedule to 1)."""
+
+    def __init__(self):
+        self.momentum: float | None = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.momentum = model.update_momentum_branch(state.global_step / state.max_steps)
+
+
+class DataEpochCallback(TrainerCallback):
+    """Tells the dataset which epoch starts, so its seeded augmentations and masks change from epoch to epoch."""
+
+    def __init__(self, dataset: TwoViewDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is fractional (e.g. 2.5 after resuming mid-epoch); the small offset absorbs float error
+        self.dataset.set_epoch(math.floor(state.epoch + 1e-6))
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training, with a final checkpoint, once `max_minutes` of training have passed.
+
+    Every process must stop at the same step, so rank 0's clock decides for all of them.
+    """
+
+    def __init__(self, max_minutes: float):
+        self.deadline = time.monotonic() + max_minutes * 60
+        self.stopped_early = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        over = torch.tensor(int(time.monotonic() > self.deadline))
+        if is_distributed():
+            dist.broadcast(over, src=0)
+        if over.item() and state.global_step < state.max_steps:
+            self.stopped_early = True
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every training log (step, losses, lr, momentum, img/s) to a JSON-lines file on the main process."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")

@@ -1,0 +1,109 @@
+"""What `macrl-pretrain` trains and evaluates on, from its `--data` argument."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..configuration_macrl import MACRLConfig
+from ..data import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    AugmentationConfig,
+    FashionMNISTSource,
+    HFDatasetSource,
+    ImageFolderSource,
+    ImageSource,
+    TwoViewDataset,
+    build_strong_transform,
+    build_weak_transform,
+)
+
+
+class SubsetSource:
+    """The images of `source` at `indices`, in that order, as an `ImageSource`."""
+
+    def __init__(self, source: ImageSource, indices: list[int], name: str):
+        self.source = source
+        self.indices = list(indices)
+        self.name = name
+        self.class_names = source.class_names
+        self.labels = None if source.labels is None else [source.labels[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.source.load_image(self.indices[index])
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(self.indices[index])
+
+
+@dataclass
+class PretrainingData:
+    """The training dataset and the held-out images of a run."""
+
+    train: TwoViewDataset
+    train_source: ImageSource
+    eval_source: ImageSource | None  # labelled held-out images (kNN test set, reconstruction pictures)
+    augmentation: AugmentationConfig
+    dataset_name: str
+    skipped: list[tuple[str, str]]
+
+
+def _split_off_holdout(source: ImageSource, count: int, seed: int) -> tuple[ImageSource, ImageSource]:
+    """A seeded random `count` images held out of `source` (at most 10%), and the rest."""
+    count = min(count, len(source) // 10)
+    order = np.random.default_rng(seed).permutation(len(source))
+    held_out, rest = sorted(order[:count].tolist()), sorted(order[count:].tolist())
+    return SubsetSource(source, rest, f"{source.name}/train"), SubsetSource(source, held_out, f"{source.name}/held-out")
+
+
+def _load_sources(data: str | None, mode: str, args) -> tuple[ImageSource, ImageSource | None, str, list]:
+    """(training images, labelled held-out images or None, dataset name for the model card, skipped files)."""
+    if data is None:
+        return FashionMNISTSource("train", mode=mode), FashionMNISTSource("test", mode=mode), "fashion_mnist", []
+    path = Path(data)
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        folder = ImageFolderSource(path, mode=mode, skip_unreadable=args.skip_unreadable)
+        source, holdout = folder, None
+        if folder.labels is not None and args.knn_eval:
+            source, holdout = _split_off_holdout(folder, args.eval_images, args.seed)
+        return source, holdout, path.name, folder.skipped
+    source = HFDatasetSource(data, "train", image_column=args.image_column, label_column=args.label_column, mode=mode)
+    try:
+        holdout = HFDatasetSource(
+            data, "test", image_column=args.image_column, label_column=args.label_column, mode=mode
+        )
+    except (ValueError, KeyError):
+        holdout = None
+        if source.labels is not None and args.knn_eval:
+            source, holdout = _split_off_holdout(source, args.eval_images, args.seed)
+    return source, holdout, data, []
+
+
+def build_pretraining_data(args, config: MACRLConfig) -> PretrainingData:
+    """Sources, augmentations and the seeded two-view dataset for `config`'s image size and channels."""
+    mode = "L" if config.num_channels == 1 else "RGB"
+    train_source, eval_source, dataset_name, skipped = _load_sources(args.data, mode, args)
+    if args.limit_images is not None:
+        train_source = SubsetSource(train_source, range(min(args.limit_images, len(train_source))), train_source.name)
+    if eval_source is not None and len(eval_source) > args.eval_images:
+        eval_source = SubsetSource(eval_source, range(args.eval_images), eval_source.name)
+    fashion = args.data is None and config.num_channels == 1
+    augmentation = AugmentationConfig(
+        image_size=config.image_size,
+        num_channels=config.num_channels,
+        mean=FASHION_MNIST_MEAN if fashion else None,
+        std=FASHION_MNIST_STD if fashion else None,
+    )
+    train = TwoViewDataset(
+        train_source,
+        build_strong_transform(augmentation),
+        build_weak_transform(augmentation),
+        num_patches=config.num_patches,
+        seed=args.seed,
+    )
+    return PretrainingData(train, train_source, eval_source, augmentation, dataset_name, skipped)

@@ -1,0 +1,93 @@
+"""`Trainer` for MACRL pre-training: loss components in the logs, atomic checkpoints, MAE's weight-decay groups."""
+
+import os
+import shutil
+import time
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .callbacks import MomentumUpdateCallback
+
+STAGING_DIR = ".staging"
+
+
+class MACRLPretrainer(Trainer):
+    """`transformers.Trainer` with what MACRL pre-training adds to it.
+
+    - the logs carry the reconstruction and contrastive parts of the loss, the EMA momentum and images/s;
+    - a checkpoint is written to `checkpoints/.staging/` and renamed into place once complete, so an interrupted
+      write never leaves a `checkpoint-N` folder that `--resume` would take;
+    - tokens and fixed positions get no weight decay (MAE's `no_weight_decay`).
+    """
+
+    def __init__(self, *args, global_batch_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.global_batch_size = global_batch_size
+        self._loss_parts: dict[str, torch.Tensor] = {}
+        self._loss_parts_count = 0
+        self._last_log = (time.monotonic(), 0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        for name in ("reconstruction_loss", "contrastive_loss"):
+            value = getattr(outputs, name).detach().float()
+            self._loss_parts[name] = self._loss_parts.get(name, 0.0) + value
+        self._loss_parts_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_parts_count:
+            for name, total in self._loss_parts.items():
+                mean = self.accelerator.reduce(total / self._loss_parts_count, reduction="mean")
+                logs[name] = round(mean.item(), 4)
+            self._loss_parts, self._loss_parts_count = {}, 0
+            momentum = next(
+                (cb.momentum for cb in self.callback_handler.callbacks if isinstance(cb, MomentumUpdateCallback)), None
+            )
+            if momentum is not None:
+                logs["momentum"] = round(momentum, 6)
+            now, step = time.monotonic(), self.state.global_step
+            last_time, last_step = self._last_log
+            if step > last_step:
+                logs["images_per_second"] = round((step - last_step) * self.global_batch_size / (now - last_time), 1)
+            self._last_log = (now, step)
+        super().log(logs, start_time)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        return [name for name in names if not name.endswith(("cls_token", "mask_token", "pos_embed"))]
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial=trial)
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_DIR)
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging, folder), ignore_errors=True)  # left over from a killed run
+        # the stock implementation writes model, optimizer, scheduler, RNG and trainer state into the staging folder
+        self._get_output_dir = lambda trial: staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            final = os.path.join(run_dir, folder)
+            replaced = os.path.join(staging, f"{folder}.replaced")
+            if os.path.exists(final):  # saving the same step again: move the old one aside, never delete first
+                os.replace(final, replaced)
+            os.replace(os.path.join(staging, folder), final)
+            _fsync_directory(run_dir)
+            shutil.rmtree(replaced, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def _fsync_directory(path: str) -> None:
+    """Make a rename durable: fsync the directory that holds the renamed entry."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
