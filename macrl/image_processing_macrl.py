@@ -1,6 +1,5 @@
 """Image processor for MACRL encoders: transformers' ViT processor that also serves 1-channel models."""
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
@@ -18,15 +17,49 @@ class MACRLImageProcessorKwargs(ImagesKwargs, total=False):
     num_channels: int
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer PIL images ("I;16", "I") scaled to 8 bits, since PIL's convert clips them."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
-    return image
+# Transparent pixels are composited onto white: images with an alpha channel are
+# mostly logos / product shots / sketches drawn on "paper", and dropping alpha
+# instead would expose whatever colour the encoder left under it (often black).
+ALPHA_BACKGROUND = "white"
+
+_SIXTEEN_BIT_SCALE = 1 / 257  # 65535 / 257 == 255 exactly
+
+
+def convert_image_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert any PIL image to 8-bit ``mode`` (``"RGB"`` or ``"L"``) without losing range.
+
+    PIL's own ``convert`` clips 16/32-bit grey values at 255 (a 16-bit scan turns
+    almost white) and ignores palette transparency, so those modes are handled first:
+
+    * ``I;16*``: full 16-bit range, scaled by 1/257.
+    * ``I`` / ``F``: the range is guessed from the extrema: ``F`` with max <= 1 is
+      treated as [0, 1]; anything with max > 255 as 16-bit; otherwise as 8-bit.
+    * ``P`` with transparency, ``PA``, ``LA``, ``RGBA``, ``RGBa``: composited onto
+      ``ALPHA_BACKGROUND``.
+    * ``CMYK``, ``YCbCr``, ``1``, ...: PIL's conversion.
+    """
+    if image.mode.startswith("I;16"):
+        image = image.convert("I").point(lambda v: v * _SIXTEEN_BIT_SCALE + 0.5)
+    elif image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        if image.mode == "F" and high <= 1.0:
+            image = image.point(lambda v: v * 255 + 0.5)
+        elif high > 255:
+            image = image.point(lambda v: v * _SIXTEEN_BIT_SCALE + 0.5)
+        # Pillow clips out-of-range values to [0, 255] when going to "L".
+        image = image.convert("L")
+
+    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "PA", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND)
+        image = Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "I":
+        image = image.convert("L")
+    return image if image.mode == mode else image.convert(mode)
+
 
 
 class MACRLImageProcessor(ViTImageProcessor):
@@ -55,10 +88,7 @@ class MACRLImageProcessor(ViTImageProcessor):
 
     def process_image(self, image: ImageInput, *args, **kwargs) -> torch.Tensor:
         if isinstance(image, Image.Image):
-            image = _to_8bit(image)
-            if image.mode == "P":  # palette transparency is only honoured through RGBA
-                image = image.convert("RGBA")
-            image = image.convert("L" if self.num_channels == 1 else "RGB")
+            image = convert_image_mode(image, "L" if self.num_channels == 1 else "RGB")
             kwargs["do_convert_rgb"] = False
         elif self.num_channels == 3:
             kwargs["do_convert_rgb"] = True

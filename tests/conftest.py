@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-# Tests never reach a real Hub and must not wait for an interactive trust_remote_code prompt.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests only talk to Hub servers on loopback, and must not wait for an interactive trust_remote_code prompt.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRUST_REMOTE_CODE_TIMEOUT", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))

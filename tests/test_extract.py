@@ -327,15 +327,6 @@ def test_usage_errors_exit_2_with_one_line(case, message, model_folder, image_fo
     assert not (tmp_path / "feats.safetensors").exists()
 
 
-def test_unwritable_output_folder(model_folder, image_folder, tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    code, _, err = _run(capsys, "--model", model_folder, "--data", image_folder, "--output", locked / "f.npy")
-    assert code == 2 and "not writable" in err
-
-
 def test_cli_error_in_a_real_process_has_no_traceback(model_folder, tmp_path):
     (tmp_path / "empty").mkdir()
     completed = subprocess.run(

@@ -13,7 +13,8 @@ from typing import Any
 
 from PIL import Image
 
-from macrl.data.image_folder import UnreadableImageError, convert_image_mode
+from macrl.data.image_folder import UnreadableImageError
+from macrl.image_processing_macrl import convert_image_mode
 
 _IMAGE_COLUMN_NAMES = ("image", "img")
 _LABEL_COLUMN_NAMES = ("label", "labels")

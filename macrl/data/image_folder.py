@@ -1,8 +1,8 @@
 """A folder of image files as an ``ImageSource`` (``--data DIR``).
 
-Also home of the PIL decoding helpers (``open_image`` / ``convert_image_mode``)
-that the Hugging Face source reuses, so every source turns odd modes (16-bit,
-palette + transparency, CMYK, ...) into the same 8-bit ``"RGB"`` / ``"L"`` images.
+Also home of ``open_image``, which the Hugging Face source reuses; the mode conversion
+itself (16-bit, palette + transparency, CMYK, ... to 8-bit ``"RGB"`` / ``"L"``) is the
+image processor's ``convert_image_mode``, so training and inference see the same pixels.
 """
 
 from __future__ import annotations
@@ -12,16 +12,11 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from ..image_processing_macrl import convert_image_mode
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
 )
-
-# Transparent pixels are composited onto white: images with an alpha channel are
-# mostly logos / product shots / sketches drawn on "paper", and dropping alpha
-# instead would expose whatever colour the encoder left under it (often black).
-ALPHA_BACKGROUND = "white"
-
-_SIXTEEN_BIT_SCALE = 1 / 257  # 65535 / 257 == 255 exactly
 
 # Everything PIL raises for an undecodable file: UnidentifiedImageError and
 # "image file is truncated" are OSErrors, broken PNG chunks raise SyntaxError,
@@ -33,42 +28,6 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
 
 class UnreadableImageError(ValueError):
     """An image file cannot be decoded; the message names the file and the cause."""
-
-
-def convert_image_mode(image: Image.Image, mode: str) -> Image.Image:
-    """Convert any PIL image to 8-bit ``mode`` (``"RGB"`` or ``"L"``) without losing range.
-
-    PIL's own ``convert`` clips 16/32-bit grey values at 255 (a 16-bit scan turns
-    almost white) and ignores palette transparency, so those modes are handled first:
-
-    * ``I;16*``: full 16-bit range, scaled by 1/257.
-    * ``I`` / ``F``: the range is guessed from the extrema: ``F`` with max <= 1 is
-      treated as [0, 1]; anything with max > 255 as 16-bit; otherwise as 8-bit.
-    * ``P`` with transparency, ``PA``, ``LA``, ``RGBA``, ``RGBa``: composited onto
-      ``ALPHA_BACKGROUND``.
-    * ``CMYK``, ``YCbCr``, ``1``, ...: PIL's conversion.
-    """
-    if image.mode.startswith("I;16"):
-        image = image.convert("I").point(lambda v: v * _SIXTEEN_BIT_SCALE + 0.5)
-    elif image.mode in ("I", "F"):
-        low, high = image.getextrema()
-        if image.mode == "F" and high <= 1.0:
-            image = image.point(lambda v: v * 255 + 0.5)
-        elif high > 255:
-            image = image.point(lambda v: v * _SIXTEEN_BIT_SCALE + 0.5)
-        # Pillow clips out-of-range values to [0, 255] when going to "L".
-        image = image.convert("L")
-
-    has_alpha = image.mode in ("RGBA", "RGBa", "LA", "PA", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND)
-        image = Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode == "I":
-        image = image.convert("L")
-    return image if image.mode == mode else image.convert(mode)
 
 
 def open_image(path: str | Path, mode: str) -> Image.Image:
