@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import PreTrainedConfig, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_macrl import MACRLConfig
@@ -38,8 +38,6 @@ from .training.pictures import plot_loss_curves, reconstruction_grid
 from .training.trainer import MACRLPretrainer
 
 logger = logging.getLogger("macrl.pretrain")
-
-CONFIG_FIELDS_THAT_MAY_CHANGE_ON_RESUME = {"transformers_version", "auto_map", "architectures", "dtype"}
 
 
 class PretrainingError(Exception):
@@ -69,15 +67,12 @@ def resolve_checkpoint(args: PretrainingArguments, checkpoint_dir: Path, config:
         raise PretrainingError(f"--resume: no checkpoint to resume from in {checkpoint_dir}")
     if not Path(checkpoint, "trainer_state.json").is_file():
         raise PretrainingError(f"--resume: {checkpoint} is not a complete checkpoint (no trainer_state.json)")
-    saved = json.loads(Path(checkpoint, "config.json").read_text())
-    current = config.to_dict()
-    changed = sorted(
-        key
-        for key in set(saved) | set(current)
-        if key not in CONFIG_FIELDS_THAT_MAY_CHANGE_ON_RESUME and saved.get(key) != current.get(key)
-    )
+    saved = MACRLConfig.from_pretrained(checkpoint)
+    # the model's own fields; the generic PreTrainedConfig ones (output_hidden_states...) do not change the run
+    own_fields = set(MACRLConfig.__dataclass_fields__) - set(PreTrainedConfig.__dataclass_fields__)
+    changed = sorted(key for key in own_fields if getattr(saved, key) != getattr(config, key))
     if changed:
-        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed)
+        details = ", ".join(f"{key}: {getattr(saved, key)!r} -> {getattr(config, key)!r}" for key in changed)
         raise PretrainingError(f"--resume: {checkpoint} was trained with a different model config ({details})")
     return checkpoint
 
@@ -114,6 +109,7 @@ def fit_steps_to_budget(
 def build_training_arguments(args: PretrainingArguments, checkpoint_dir: Path, max_steps: int, config) -> TrainingArguments:
     per_device = args.batch_size // _world_size()
     device_is_gpu = args.device != "cpu" and torch.cuda.is_available()
+    # without use_cpu, accelerate treats several CPU processes as one and DDP never syncs them
     unused_parameters = config.reconstruction_weight == 0 or config.contrastive_weight == 0
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -139,12 +135,12 @@ def build_training_arguments(args: PretrainingArguments, checkpoint_dir: Path, m
         dataloader_persistent_workers=args.num_workers > 0,
         remove_unused_columns=False,
         report_to="none",
-        use_cpu=args.device == "cpu",
+        use_cpu=not device_is_gpu,
         bf16=args.bf16,
         fp16=args.fp16,
         torch_compile=args.compile,
         ddp_find_unused_parameters=unused_parameters,  # a zero-weight head gets no gradient
-        ddp_backend="gloo" if _world_size() > 1 and (args.device == "cpu" or not torch.cuda.is_available()) else None,
+        ddp_backend="gloo" if _world_size() > 1 and not device_is_gpu else None,
         disable_tqdm=False,
         log_level="warning",
     )
@@ -232,7 +228,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         callbacks=callbacks,
         global_batch_size=args.batch_size,
     )
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
+    except UnreadableImageError as error:
+        raise PretrainingError(
+            f"{error}; pass --skip-unreadable to leave such files out (checkpoints so far are kept in {checkpoint_dir})"
+        ) from error
     if not trainer.is_world_process_zero():
         return {}
 

@@ -46,3 +46,7 @@ def fashion_images():
     images, labels = load_fashion_mnist("train")
     pixels = images[:64].float().div(255).sub(0.5).div(0.5).unsqueeze(1)
     return pixels, labels[:64]
+
+
+# real Hub servers on loopback: the upload-capable test server, and olah (a read-only mirror) for downloads
+from hub_server import hub_server_fixture  # noqa: E402,F401

@@ -16,7 +16,8 @@ STAGING_DIR = ".staging"
 class MACRLPretrainer(Trainer):
     """`transformers.Trainer` with what MACRL pre-training adds to it.
 
-    - the logs carry the reconstruction and contrastive parts of the loss, the EMA momentum and images/s;
+    - the logs carry the loss of the global batch (averaged over processes), its reconstruction and contrastive
+      parts, the EMA momentum and images/s;
     - a checkpoint is written to `checkpoints/.staging/` and renamed into place once complete, so an interrupted
       write never leaves a `checkpoint-N` folder that `--resume` would take;
     - tokens and fixed positions get no weight decay (MAE's `no_weight_decay`).
@@ -31,7 +32,7 @@ class MACRLPretrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
-        for name in ("reconstruction_loss", "contrastive_loss"):
+        for name in ("loss", "reconstruction_loss", "contrastive_loss"):
             value = getattr(outputs, name).detach().float()
             self._loss_parts[name] = self._loss_parts.get(name, 0.0) + value
         self._loss_parts_count += 1
@@ -39,6 +40,7 @@ class MACRLPretrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_parts_count:
+            # means over every process (the stock "loss" is this process's alone)
             for name, total in self._loss_parts.items():
                 mean = self.accelerator.reduce(total / self._loss_parts_count, reduction="mean")
                 logs[name] = round(mean.item(), 4)

@@ -1,0 +1,180 @@
+"""`macrl-pretrain` end to end on real images: outputs, resume, bad input, several processes and the Hub push."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModel
+
+from macrl.data import load_fashion_mnist
+from macrl.pretrain import main
+
+# a few seconds per run: the tiny preset on a few dozen Fashion-MNIST images
+FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--eval-images", "40"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """64 Fashion-MNIST test images as PNG files in class subfolders, like a user's own data."""
+    root = tmp_path_factory.mktemp("fashion_png")
+    images, labels = load_fashion_mnist("test")
+    for index in range(64):
+        folder = root / f"class_{int(labels[index])}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(images[index].numpy()).save(folder / f"{index:03d}.png")
+    return root
+
+
+def _run(*argv) -> int:
+    return main([str(arg) for arg in argv])
+
+
+def test_smoke_default_data_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(*FAST, "--output-dir", out, "--max-steps", "4", "--limit-images", "64", "--save-steps", "2") == 0
+    printed = capsys.readouterr().out
+    assert "kNN accuracy (k=20) of the encoder on 40 held-out images" in printed and str(out / "encoder") in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4 and 0 <= results["knn_accuracy"] <= 100
+    records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "reconstruction_loss", "contrastive_loss", "learning_rate", "momentum"):
+        assert all(key in r for r in records), key
+    assert all("images_per_second" in r for r in records[1:])
+    assert records[-1]["momentum"] == pytest.approx(1.0)  # the cosine schedule ends at 1
+
+    for picture in ("loss_curves.png", "reconstructions.png"):
+        with Image.open(out / "pictures" / picture) as image:
+            assert image.format == "PNG" and image.width > 100
+    with Image.open(out / "pictures" / "reconstructions.png") as grid:
+        assert grid.size == (8 * 28 * 4, 3 * 28 * 4)  # 8 held-out images x (original, masked, reconstructed)
+
+    # the encoder folder is what users download: it loads with the Auto classes and has a card
+    encoder = AutoModel.from_pretrained(out / "encoder")
+    processor = AutoImageProcessor.from_pretrained(out / "encoder")
+    assert type(encoder).__name__ == "MACRLModel" and processor.num_channels == 1
+    assert processor.image_mean == pytest.approx([0.2860]) and processor.image_std == pytest.approx([0.3530])
+    card = (out / "encoder" / "README.md").read_text()
+    assert "pipeline_tag: image-feature-extraction" in card and "fashion_mnist" in card
+    # the full pre-training model (both branches) sits at the top of the output folder, checkpoints are rotated
+    full = load_file(out / "model.safetensors")
+    assert any(k.startswith("momentum_encoder.") for k in full) and any(k.startswith("decoder.") for k in full)
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_image_folder_data_and_held_out_classes(tmp_path, image_folder):
+    out = tmp_path / "run"
+    assert _run(*FAST, "--data", image_folder, "--output-dir", out, "--max-steps", "2", "--eval-images", "6") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["knn_test_images"] == 6 and results["knn_train_images"] == 58
+
+
+def test_resume_continues_exactly(tmp_path):
+    args = [*FAST, "--max-steps", "6", "--save-steps", "3", "--limit-images", "48", "--knn-eval", "false"]
+    assert _run(*args, "--output-dir", tmp_path / "full") == 0
+    # an interrupted run: only the step-3 checkpoint survived
+    interrupted = tmp_path / "interrupted" / "checkpoints"
+    interrupted.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-3", interrupted / "checkpoint-3")
+    assert _run(*args, "--output-dir", tmp_path / "interrupted", "--resume") == 0
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    log = lambda run: [json.loads(line) for line in (tmp_path / run / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log("interrupted")] == [r["loss"] for r in log("full")][3:]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config", "no-such-preset"], "unknown config 'no-such-preset'"),
+        (["--config", '{"hidden_size": 30, "num_attention_heads": 4}'], "MACRLConfig.hidden_size=30"),
+        (["--resume"], "no checkpoint to resume from"),
+        (["--batch-size", "15"], None),  # fine on one process: a negative control
+    ],
+)
+def test_bad_arguments_give_one_clear_line(tmp_path, capsys, extra, message):
+    code = _run(*FAST, "--output-dir", tmp_path / "run", "--max-steps", "1", "--limit-images", "32", *extra)
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0
+    else:
+        assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_empty_folder_and_corrupt_images(tmp_path, capsys, image_folder):
+    (tmp_path / "empty").mkdir()
+    assert _run(*FAST, "--data", tmp_path / "empty", "--output-dir", tmp_path / "a", "--max-steps", "1") == 2
+    assert "No image files found under" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(image_folder, broken)
+    bad = broken / "class_0" / "zz_truncated.png"
+    bad.write_bytes((broken / "class_0" / "019.png").read_bytes()[:40])
+    args = [*FAST, "--data", broken, "--max-steps", "4", "--knn-eval", "false", "--limit-images", "64"]
+    assert _run(*args, "--output-dir", tmp_path / "b") == 2
+    assert str(bad) in capsys.readouterr().err
+    assert _run(*args, "--output-dir", tmp_path / "c", "--skip-unreadable") == 0
+    assert "skipping 1 unreadable images" in capsys.readouterr().out
+
+
+def test_refuses_to_overwrite_or_mix_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", out, "--max-steps", "2", "--limit-images", "32", "--knn-eval", "false"]
+    assert _run(*args) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert _run(*args) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert _run(*args, "--resume", "--mask-ratio", "0.5") == 2
+    assert "different model config (mask_ratio: 0.75 -> 0.5)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing was touched
+
+
+def test_push_to_loopback_hub(tmp_path, hub_server):
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", out, "--max-steps", "2", "--limit-images", "32", "--push-to-hub", "tester/macrl-tiny"]
+    assert _run(*args) == 0
+    from huggingface_hub import snapshot_download
+
+    local = Path(snapshot_download("tester/macrl-tiny"))
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "modeling_macrl.py"):
+        assert (local / name).read_bytes() == (out / "encoder" / name).read_bytes(), name
+
+
+def _loss_log(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 gloo processes (8 images each) logs the losses of 1 process with the same 16-image batch."""
+    common = [
+        "-m", "macrl.pretrain", *FAST, "--max-steps", "3", "--limit-images", "48", "--knn-eval", "false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, *common, "--output-dir", tmp_path / "one"], env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    double = subprocess.run(
+        [*torchrun, *common, "--output-dir", tmp_path / "two"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = _loss_log(tmp_path / "one"), _loss_log(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, rel=1e-4)
+    weights_one = load_file(tmp_path / "one" / "model.safetensors")
+    weights_two = load_file(tmp_path / "two" / "model.safetensors")
+    for name in ("macrl.blocks.0.attn.qkv.weight", "projector.0.weight", "momentum_encoder.norm.weight"):
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
