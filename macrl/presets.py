@@ -77,8 +77,10 @@ def load_config(name_or_path: str, **overrides) -> MACRLConfig:
                 "a JSON file, a folder with config.json, or a JSON object"
             )
         fields = json.loads(path.read_text())
-    fields.pop("model_type", None)
-    fields.pop("auto_map", None)
-    fields.pop("architectures", None)
-    fields.pop("transformers_version", None)
+    for saved_only in ("model_type", "auto_map", "architectures", "transformers_version"):
+        fields.pop(saved_only, None)
+    # PreTrainedConfig keeps unknown keys as attributes; a typo here would silently do nothing
+    unknown = sorted(set(overrides) - set(MACRLConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
     return MACRLConfig(**{**fields, **overrides})

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -189,8 +190,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     if args.batch_size % _world_size():
         raise PretrainingError(f"--batch-size {args.batch_size} is not divisible by the {_world_size()} processes")
     try:
-        config = load_config(args.config, **args.config_overrides())
-    except (ValueError, json.JSONDecodeError) as error:
+        config = load_config(args.config, **args.config_changes())
+    except (ValueError, StrictDataclassError) as error:  # JSONDecodeError is a ValueError
         raise PretrainingError(f"--config: {error}") from error
     resume_from = resolve_checkpoint(args, checkpoint_dir, config)
     try:

@@ -1,5 +1,6 @@
 """Command-line arguments of `macrl-pretrain`: one dataclass, parsed by transformers' `HfArgumentParser`."""
 
+import json
 from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser
@@ -54,6 +55,9 @@ class PretrainingArguments:
     mask_ratio: float | None = _flag(None, "Override the config's mask_ratio.")
     reconstruction_weight: float | None = _flag(None, "Override the config's reconstruction_weight (0: MoCo v3).")
     contrastive_weight: float | None = _flag(None, "Override the config's contrastive_weight (0: MAE).")
+    config_overrides: str | None = _flag(
+        None, 'Further config fields as a JSON object, e.g. \'{"symmetric_loss": true, "temperature": 0.1}\'.'
+    )
     image_column: str | None = _flag(None, "Image column of a `datasets` dataset (default: detected).")
     label_column: str | None = _flag(None, "Label column of a `datasets` dataset (default: detected).")
     limit_images: int | None = _flag(None, "Train on the first N images only (smoke tests, quick looks).")
@@ -61,9 +65,13 @@ class PretrainingArguments:
     knn_eval: bool = _flag(True, "Evaluate the encoder with a weighted kNN classifier at the end (needs labels).")
     eval_images: int = _flag(10000, "At most this many held-out images for the kNN evaluation and pictures.")
 
-    def config_overrides(self) -> dict:
+    def config_changes(self) -> dict:
+        """Config fields that the command line sets: --config-overrides, then the single-field flags."""
+        changes = json.loads(self.config_overrides) if self.config_overrides else {}
+        if not isinstance(changes, dict):
+            raise ValueError(f"--config-overrides must be a JSON object, got {self.config_overrides!r}")
         names = ("mask_ratio", "reconstruction_weight", "contrastive_weight")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {**changes, **{name: getattr(self, name) for name in names if getattr(self, name) is not None}}
 
 
 def build_parser() -> HfArgumentParser:

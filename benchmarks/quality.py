@@ -1,0 +1,163 @@
+"""The paper's claim at CPU scale: MACRL vs MAE-only vs MoCo-v3-only on Fashion-MNIST, at an equal wall-clock budget.
+
+    python benchmarks/quality.py --minutes 8 --seeds 0 1            # the side-by-side comparison (about 1 hour)
+    python benchmarks/quality.py --minutes 30 --seeds 0 --methods macrl   # the long MACRL run on its own
+
+Each run is the real `macrl-pretrain` (same encoder, data, augmentations and budget; `--max-minutes` fits the step
+count to the budget from a timing of real steps), then both poolings of the encoder are evaluated on the
+Fashion-MNIST test split with the weighted kNN (k=20, T=0.07) and a linear probe on frozen features. Two floors sit
+beside them: the same encoder at random initialisation, and raw pixels. Finished runs are cached in
+`--output-dir/<run>/quality.json`, so the benchmark can be run in parts and only missing runs are redone.
+One table is printed (and written as markdown and JSON): a method's value is the mean over seeds, with the spread
+(max - min) beside it; a gap smaller than the spread is a tie.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from macrl import MACRLImageProcessor, MACRLModel
+from macrl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSource, load_fashion_mnist
+from macrl.evaluation.knn import knn_accuracy
+from macrl.evaluation.linear_probe import linear_probe
+from macrl.extract import extract_features
+from macrl.presets import load_config
+
+# the three objectives on the same encoder: only the loss weights (and MoCo v3's symmetric, unmasked views) differ
+METHODS = {
+    "macrl": [],
+    "mae": ["--contrastive-weight", "0"],
+    "mocov3": ["--reconstruction-weight", "0", "--mask-ratio", "0", "--config-overrides", '{"symmetric_loss": true}'],
+}
+
+
+def run_pretraining(method: str, seed: int, minutes: float, run_dir: Path, extra: list[str]) -> dict:
+    """`macrl-pretrain` in a subprocess; returns its results.json."""
+    if not (run_dir / "results.json").exists():
+        command = [
+            sys.executable, "-m", "macrl.pretrain",
+            "--output-dir", str(run_dir), "--max-minutes", str(minutes), "--seed", str(seed),
+            "--knn-eval", "false", "--save-steps", "100000", *METHODS[method], *extra,
+        ]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _probe_and_knn(train_x, train_y, test_x, test_y, seed: int) -> dict:
+    knn = knn_accuracy(train_x, train_y, test_x, test_y, num_classes=10)
+    probe = linear_probe(train_x, train_y, test_x, test_y, num_classes=10, seed=seed)
+    return {"knn": round(knn, 2), "linear": round(probe.accuracy, 2)}
+
+
+def evaluate_encoder(encoder_dir: Path | None, config_name: str, seed: int) -> dict:
+    """kNN and linear probe of the CLS and mean-pooled features (a random-init encoder when `encoder_dir` is None)."""
+    if encoder_dir is None:
+        torch.manual_seed(seed)
+        model = MACRLModel(load_config(config_name))
+        processor = MACRLImageProcessor(
+            size={"height": 28, "width": 28}, num_channels=1, image_mean=list(FASHION_MNIST_MEAN),
+            image_std=list(FASHION_MNIST_STD),
+        )
+    else:
+        model = MACRLModel.from_pretrained(encoder_dir)
+        processor = MACRLImageProcessor.from_pretrained(encoder_dir)
+    train, test = FashionMNISTSource("train"), FashionMNISTSource("test")
+    scores = {}
+    for pool in ("cls", "mean"):
+        train_f = extract_features(model, processor, train, pool=pool, batch_size=512, dtype="bf16", progress=False)
+        test_f = extract_features(model, processor, test, pool=pool, batch_size=512, dtype="bf16", progress=False)
+        for name, value in _probe_and_knn(train_f.features, train_f.labels, test_f.features, test_f.labels, seed).items():
+            scores[f"{name}_{pool}"] = value
+    return scores
+
+
+def evaluate_raw_pixels(seed: int) -> dict:
+    train_x, train_y = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    train_x, test_x = train_x.flatten(1).float() / 255, test_x.flatten(1).float() / 255
+    scores = _probe_and_knn(train_x, train_y, test_x, test_y, seed)
+    return {"knn_cls": scores["knn"], "linear_cls": scores["linear"]}
+
+
+def cached(path: Path, compute) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    started = time.monotonic()
+    result = compute()
+    result["eval_minutes"] = round((time.monotonic() - started) / 60, 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summarise(rows: dict[str, list[dict]], minutes: float) -> str:
+    metrics = ("knn_cls", "knn_mean", "linear_cls", "linear_mean")
+    header = "| method | kNN CLS | kNN mean | linear CLS | linear mean | pretraining min | img/s | seeds |"
+    lines = [header, "|" + "---|" * 8]
+    for name, results in rows.items():
+        cells = []
+        for metric in metrics:
+            values = [r[metric] for r in results if metric in r]
+            if not values:
+                cells.append("–")
+                continue
+            spread = max(values) - min(values)
+            cells.append(f"{statistics.mean(values):.2f} ± {spread:.2f}" if len(values) > 1 else f"{values[0]:.2f}")
+        train_minutes = [r["training_minutes"] for r in results if "training_minutes" in r]
+        speed = [r["images_per_second"] for r in results if "images_per_second" in r]
+        cells.append(f"{statistics.mean(train_minutes):.1f}" if train_minutes else "–")
+        cells.append(f"{statistics.mean(speed):.0f}" if speed else "–")
+        cells.append(str(len(results)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Budget: {minutes} min of pretraining per run; ± is the spread (max - min) over seeds.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=8.0, help="Pretraining budget per run (default: 8).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Seeds per method (default: 0 1).")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--config", default="fmnist", help="Model preset shared by every method (default: fmnist).")
+    parser.add_argument("--no-floors", action="store_true", help="Skip the random-init and raw-pixel floors.")
+    parser.add_argument("--output-dir", default="benchmarks/results/quality", help="Where runs and tables go.")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further macrl-pretrain flags.")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    root = Path(args.output_dir)
+    extra = ["--config", args.config, "--bf16", *args.extra]
+    rows: dict[str, list[dict]] = {}
+    for method in args.methods:
+        for seed in args.seeds:
+            run_dir = root / f"{method}-{args.minutes:g}min-seed{seed}"
+            train = run_pretraining(method, seed, args.minutes, run_dir, extra)
+            scores = cached(run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed))
+            log = [json.loads(line) for line in (run_dir / "logs" / "train_log.jsonl").read_text().splitlines()]
+            speeds = [record["images_per_second"] for record in log if "images_per_second" in record]
+            rows.setdefault(method, []).append(
+                {**scores, "training_minutes": train["training_minutes"], "images_per_second": statistics.median(speeds)}
+            )
+            print(summarise(rows, args.minutes), flush=True)
+    if not args.no_floors:
+        for seed in args.seeds:
+            rows.setdefault("random-init encoder", []).append(
+                cached(root / f"random-init-seed{seed}.json", lambda: evaluate_encoder(None, args.config, seed))
+            )
+        rows["raw pixels"] = [cached(root / "raw-pixels.json", lambda: evaluate_raw_pixels(0))]
+    table = summarise(rows, args.minutes)
+    print(table)
+    (root / f"table-{args.minutes:g}min.md").write_text(table + "\n")
+    (root / f"table-{args.minutes:g}min.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
