@@ -150,4 +150,13 @@ def push_encoder_to_hub(
     return commit.pr_url if create_pr and commit.pr_url else commit.commit_url
 
 
-__all__ = ["HubPushError", "push_encoder_to_hub", "validate_encoder_folder"]
+def repo_has_readme(repo_id: str, *, token: str | None = None, revision: str | None = None) -> bool:
+    """Whether the Hub repository `repo_id` exists and has a README.md (a missing repository has none)."""
+    api = HfApi(token=token)
+    try:
+        return api.file_exists(repo_id, "README.md", revision=revision, token=token)
+    except (HfHubHTTPError, LocalTokenNotFoundError, TransportError, ConnectionError, TimeoutError) as error:
+        raise HubPushError(_explain(error, repo_id, api.endpoint, revision)) from error
+
+
+__all__ = ["HubPushError", "push_encoder_to_hub", "repo_has_readme", "validate_encoder_folder"]

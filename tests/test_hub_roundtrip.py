@@ -97,7 +97,10 @@ def test_push_then_load_gives_identical_weights_and_features(hub_server, encoder
         assert torch.equal(loaded.eval()(pixels).pooler_output, _reference_features(encoder_folder, images))
 
 
-def test_hub_errors_name_the_repo_and_what_to_do(hub_server, encoder_folder, tmp_path, capsys):
+def test_hub_errors_name_the_repo_and_what_to_do(hub_server, encoder_folder, tmp_path, capsys, monkeypatch):
+    # huggingface_hub backs off 1+2+4+8+8 s between retries of an unreachable server; the retries still happen
+    sleeps = []
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", sleeps.append)
     with pytest.raises(OSError, match="tester/does-not-exist"):
         MACRLModel.from_pretrained("tester/does-not-exist")
     push_encoder_to_hub(encoder_folder, "tester/macrl-errors")
@@ -121,3 +124,4 @@ def test_hub_errors_name_the_repo_and_what_to_do(hub_server, encoder_folder, tmp
     assert extract_main(["--model", "tester/never-downloaded", "--data", str(images), "--output", str(out)]) == 2
     assert "tester/never-downloaded" in capsys.readouterr().err
     assert not out.exists()
+    assert len(sleeps) > 0  # the client did retry before giving up

@@ -142,8 +142,10 @@ def test_refuses_to_overwrite_or_mix_runs(tmp_path, capsys):
 
 def test_push_to_loopback_hub(tmp_path, hub_server):
     out = tmp_path / "run"
-    args = [*FAST, "--output-dir", out, "--max-steps", "2", "--limit-images", "32", "--push-to-hub", "tester/macrl-tiny"]
-    assert _run(*args) == 0
+    args = [*FAST, "--output-dir", out, "--max-steps", "4", "--limit-images", "32", "--push-to-hub", "tester/macrl-tiny"]
+    assert _run(*args, "--save-steps", "2", "--push-checkpoints") == 0
+    titles = [commit.title for commit in hub_server.repos["tester/macrl-tiny"].commits.values()]
+    assert "Encoder at step 2" in titles and "Encoder at step 4" in titles and titles[-1] == "Upload MACRL encoder"
     from huggingface_hub import snapshot_download
 
     local = Path(snapshot_download("tester/macrl-tiny"))
@@ -178,3 +180,17 @@ def test_two_processes_match_one_process(tmp_path):
     weights_two = load_file(tmp_path / "two" / "model.safetensors")
     for name in ("macrl.blocks.0.attn.qkv.weight", "projector.0.weight", "momentum_encoder.norm.weight"):
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_push_keeps_a_card_the_repo_already_had(tmp_path, hub_server):
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi()
+    api.create_repo("tester/has-card")
+    api.upload_file(path_or_fileobj=b"# my own card\n", path_in_repo="README.md", repo_id="tester/has-card")
+    args = [*FAST, "--output-dir", tmp_path / "run", "--max-steps", "2", "--limit-images", "32"]
+    assert _run(*args, "--push-to-hub", "tester/has-card", "--knn-eval", "false") == 0
+    assert Path(hf_hub_download("tester/has-card", "README.md")).read_text() == "# my own card\n"
+    assert Path(hf_hub_download("tester/has-card", "model.safetensors")).read_bytes() == (
+        tmp_path / "run" / "encoder" / "model.safetensors"
+    ).read_bytes()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -334,15 +335,31 @@ def finetune(
     _check_labels(train_source, num_classes, "training")
     _check_labels(test_source, num_classes, "test")
     id2label = {i: name for i, name in enumerate(class_names)}
-    model = MACRLForImageClassification.from_pretrained(
-        str(model_name_or_path),
-        revision=revision,
-        num_labels=num_classes,
-        id2label=id2label,
-        label2id={name: i for i, name in id2label.items()},
-        dtype=torch.float32,
-        ignore_mismatched_sizes=True,  # a classification folder with another number of classes
-    )
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    # the load report always lists the new classifier as missing: say it only when encoder weights are missing too
+    transformers_logging.set_verbosity_error()
+    try:
+        model, loading_info = MACRLForImageClassification.from_pretrained(
+            str(model_name_or_path),
+            revision=revision,
+            num_labels=num_classes,
+            id2label=id2label,
+            label2id={name: i for i, name in id2label.items()},
+            dtype=torch.float32,
+            ignore_mismatched_sizes=True,  # a classification folder with another number of classes
+            output_loading_info=True,
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith("classifier."))
+    if missing:
+        warnings.warn(
+            f"{model_name_or_path}: {len(missing)} encoder weights were not in the checkpoint and are randomly "
+            f"initialised, e.g. {missing[0]}",
+            stacklevel=2,
+        )
     from transformers import AutoImageProcessor
 
     try:

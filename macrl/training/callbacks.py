@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -60,9 +61,48 @@ class JsonlLogCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path = Path(path)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A run killed after its last checkpoint logged steps that the resumed run trains (and logs) again: drop
+        # them, so the log of an interrupted and resumed run reads like that of an uninterrupted one.
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= state.global_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                continue
+        if kept != lines:
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text("".join(kept))
+            os.replace(partial, self.path)  # a kill during the rewrite leaves the old log, never half of it
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as file:
             file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class PushCheckpointCallback(TrainerCallback):
+    """After every checkpoint, export the encoder and upload it to the Hub (`--push-checkpoints`).
+
+    A failed upload is reported and training goes on: the checkpoint itself is safe on disk, and the final push
+    (or a later one) uploads the newer encoder anyway.
+    """
+
+    def __init__(self, export_and_push):
+        self.export_and_push = export_and_push  # (model, step) -> commit url
+        self.pushed: list[int] = []
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        try:
+            self.export_and_push(model, state.global_step)
+            self.pushed.append(state.global_step)
+        except Exception as error:  # noqa: BLE001 - any Hub failure must not end a long run
+            print(f"macrl-pretrain: warning: pushing the step-{state.global_step} encoder failed: {error}")

@@ -1,16 +1,62 @@
 """`Trainer` for MACRL pre-training: loss components in the logs, atomic checkpoints, MAE's weight-decay groups."""
 
+import json
 import os
 import shutil
 import time
+import zipfile
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .callbacks import MomentumUpdateCallback
 
 STAGING_DIR = ".staging"
+# what the stock Trainer writes into a checkpoint of a MACRL run (plus rng_state.pth or rng_state_<rank>.pth)
+CHECKPOINT_JSON_FILES = ("trainer_state.json", "config.json")
+CHECKPOINT_TORCH_FILES = ("optimizer.pt", "scheduler.pt")
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint folder to resume from is missing a file or holds a truncated one; the message says which."""
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why `folder` cannot be resumed from exactly (e.g. "no trainer_state.json"), or None if it is complete.
+
+    `MACRLPretrainer` renames a checkpoint into place only once it is complete, so this catches folders damaged or
+    put together elsewhere: an interrupted copy, a truncated file, a hand-made `checkpoint-N`. Reads only headers.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    for name in CHECKPOINT_JSON_FILES:
+        if not (folder / name).is_file():
+            return f"no {name}"
+        try:
+            if not isinstance(json.loads((folder / name).read_text(encoding="utf-8")), dict):
+                return f"{name} is not a JSON object"
+        except (ValueError, UnicodeDecodeError):
+            return f"{name} is truncated or not JSON"
+    if not (folder / "model.safetensors").is_file():
+        return "no model.safetensors"
+    try:  # the header lists every tensor's byte range: a truncated file fails here
+        with safe_open(folder / "model.safetensors", framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        return f"model.safetensors is truncated or unreadable ({error})"
+    rng_files = sorted(path.name for path in folder.glob("rng_state*.pth"))
+    if not rng_files:
+        return "no rng_state.pth"
+    for name in (*CHECKPOINT_TORCH_FILES, *rng_files):
+        if not (folder / name).is_file():
+            return f"no {name}"  # the stock Trainer would silently start a fresh optimizer or schedule
+        if not zipfile.is_zipfile(folder / name):  # torch.save writes a zip; truncation loses its directory
+            return f"{name} is truncated or not a torch.save file"
+    return None
 
 
 class MACRLPretrainer(Trainer):
@@ -29,6 +75,15 @@ class MACRLPretrainer(Trainer):
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._loss_parts_count = 0
         self._last_log = (time.monotonic(), 0)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # The stock Trainer resumes silently from a checkpoint without optimizer.pt or rng_state.pth (a fresh
+        # optimizer: a different run) and fails with a bare torch/safetensors traceback on a truncated file.
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise IncompleteCheckpointError(f"{resume_from_checkpoint} is not a complete checkpoint ({problem})")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -77,6 +132,9 @@ class MACRLPretrainer(Trainer):
         if self.args.should_save:
             final = os.path.join(run_dir, folder)
             replaced = os.path.join(staging, f"{folder}.replaced")
+            # kill -9 keeps the page cache, a power cut does not: the files must be on disk before the rename makes
+            # the checkpoint visible, or `checkpoint-N` could come back holding empty or truncated files
+            _fsync_tree(os.path.join(staging, folder))
             if os.path.exists(final):  # saving the same step again: move the old one aside, never delete first
                 os.replace(final, replaced)
             os.replace(os.path.join(staging, folder), final)
@@ -84,6 +142,18 @@ class MACRLPretrainer(Trainer):
             shutil.rmtree(replaced, ignore_errors=True)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file under `path`, then the folders that hold them."""
+    for directory, _, filenames in os.walk(path):
+        for filename in filenames:
+            descriptor = os.open(os.path.join(directory, filename), os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        _fsync_directory(directory)
 
 
 def _fsync_directory(path: str) -> None:

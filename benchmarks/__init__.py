@@ -1,0 +1,1 @@
+"""Benchmarks of the macrl package (run them as scripts, e.g. ``python benchmarks/speed.py``)."""

@@ -1,0 +1,546 @@
+"""Helpers shared by the conversion scripts: key renaming, q/k/v fusion, loading, output checks, saving, pushing.
+
+Every script follows the same order: build the `MACRLConfig`, rename the source keys, split or merge q/k/v, load the
+result strictly, compare the outputs with the source model (allclose), `save_pretrained` (model + image processor),
+and optionally push the folder to the Hub.
+
+torch, transformers, timm and macrl are imported inside the functions, so that `script.py --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+    from macrl import MACRLConfig, MACRLImageProcessor
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAMES = ("pytorch_model.bin", "model.pth", "checkpoint.pth", "checkpoint.pth.tar")
+MAX_LISTED_KEYS = 40
+DEFAULT_ATOL = 1e-5
+DEFAULT_RTOL = 1e-4
+
+
+class KeyMismatchError(ValueError):
+    """The source's keys do not match the layout a script converts; the message lists every difference.
+
+    Attributes:
+        missing: keys the target layout needs that the source lacks.
+        unexpected: source keys that the target layout has no place for.
+        mismatched: `(key, source shape, expected shape)` of keys present in both with different shapes.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[tuple[str, tuple, tuple]] = (),
+        hint: str | None = None,
+    ):
+        self.source = source
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched)
+        lines = [f"{source} does not match the expected layout:"]
+        if self.missing:
+            lines.append(f"  missing keys ({len(self.missing)}): {_list_keys(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected keys ({len(self.unexpected)}): {_list_keys(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{key} {tuple(got)} (expected {tuple(want)})" for key, got, want in self.mismatched]
+            lines.append(f"  mismatched shapes ({len(shapes)}): {_list_keys(shapes)}")
+        if hint:
+            lines.append(f"  hint: {hint}")
+        super().__init__("\n".join(lines))
+
+
+class OutputMismatchError(ValueError):
+    """The converted model's outputs differ from the source model's beyond the tolerance."""
+
+
+def _list_keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    return shown + (f", ... and {len(keys) - MAX_LISTED_KEYS} more" if len(keys) > MAX_LISTED_KEYS else "")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# key handling
+
+
+def rename_keys(
+    state_dict: Mapping[str, Any],
+    rules: Sequence[tuple[str, str | None]],
+    *,
+    source: str = "checkpoint",
+    hint: str | None = None,
+) -> dict[str, Any]:
+    """Rename every key with the first `(regex, replacement)` rule that matches it in full.
+
+    The replacement may use the groups of the regex (`\\1`); a `None` replacement drops the key. Keys that no rule
+    matches raise a `KeyMismatchError` listing them as unexpected, as do two keys renamed to the same name.
+    """
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+    renamed: dict[str, Any] = {}
+    unexpected = []
+    for key, value in state_dict.items():
+        for pattern, replacement in compiled:
+            match = pattern.fullmatch(key)
+            if match:
+                if replacement is not None:
+                    new_key = match.expand(replacement)
+                    if new_key in renamed:
+                        raise KeyMismatchError(source, unexpected=[key], hint=f"{key} renames to {new_key} twice")
+                    renamed[new_key] = value
+                break
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise KeyMismatchError(source, unexpected=unexpected, hint=hint)
+    return renamed
+
+
+def check_keys(
+    state_dict: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    *,
+    source: str = "checkpoint",
+    hint: str | None = None,
+) -> None:
+    """Raise a `KeyMismatchError` unless `state_dict` has exactly the keys (and shapes) of `expected`."""
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        (key, tuple(value.shape), tuple(expected[key].shape))
+        for key, value in state_dict.items()
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise KeyMismatchError(source, missing, unexpected, mismatched, hint=hint)
+
+
+def select_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries whose key starts with `prefix`, with the prefix removed."""
+    return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def add_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {prefix + key: value for key, value in state_dict.items()}
+
+
+def strip_common_prefix(state_dict: Mapping[str, Any], prefixes: Sequence[str] = ("module.", "_orig_mod.")) -> dict:
+    """Remove DDP's `module.` (and torch.compile's `_orig_mod.`) when every key carries it."""
+    state_dict = dict(state_dict)
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in prefixes:
+            if all(key.startswith(prefix) for key in state_dict):
+                state_dict = select_prefix(state_dict, prefix)
+                changed = True
+    return state_dict
+
+
+def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timm's fused `attn.qkv` weight `[3D, D]` (or bias `[3D]`) -> the q, k, v parts, each `[D, D]` (or `[D]`)."""
+    if qkv.shape[0] % 3:
+        raise ValueError(f"a fused qkv tensor needs a first dimension divisible by 3, got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.chunk(3, dim=0)
+    return q.clone(), k.clone(), v.clone()
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Separate q, k, v projections -> timm's fused `attn.qkv` (rows: all of q, then k, then v)."""
+    import torch
+
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k and v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return torch.cat([q, k, v], dim=0)
+
+
+def merge_qkv_keys(
+    state_dict: Mapping[str, Any],
+    names: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj"),
+    fused: str = "qkv",
+    *,
+    source: str = "checkpoint",
+) -> dict[str, Any]:
+    """Replace every `P.{q}.{weight,bias}`, `P.{k}...`, `P.{v}...` triple by `P.{fused}.{weight,bias}`.
+
+    A q without its k or v (or the other way round) raises a `KeyMismatchError` naming the missing partners.
+    """
+    q_name, k_name, v_name = names
+    pattern = re.compile(rf"(.*)\.(?:{re.escape(q_name)}|{re.escape(k_name)}|{re.escape(v_name)})\.(weight|bias)")
+    out: dict[str, Any] = {}
+    groups: dict[tuple[str, str], None] = {}
+    for key, value in state_dict.items():
+        match = pattern.fullmatch(key)
+        if match:
+            groups[match.groups()] = None
+        else:
+            out[key] = value
+    missing = []
+    for prefix, kind in groups:
+        parts = [f"{prefix}.{name}.{kind}" for name in names]
+        absent = [part for part in parts if part not in state_dict]
+        if absent:
+            missing += absent
+            continue
+        out[f"{prefix}.{fused}.{kind}"] = merge_qkv(*(state_dict[part] for part in parts))
+    if missing:
+        raise KeyMismatchError(source, missing=missing, hint="q, k and v projections must come together")
+    return out
+
+
+def split_qkv_keys(
+    state_dict: Mapping[str, Any], names: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj"), fused: str = "qkv"
+) -> dict[str, Any]:
+    """The inverse of `merge_qkv_keys`: every `P.{fused}.{weight,bias}` becomes `P.{q}`, `P.{k}`, `P.{v}`."""
+    pattern = re.compile(rf"(.*)\.{re.escape(fused)}\.(weight|bias)")
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        match = pattern.fullmatch(key)
+        if not match:
+            out[key] = value
+            continue
+        prefix, kind = match.groups()
+        for name, part in zip(names, split_qkv(value)):
+            out[f"{prefix}.{name}.{kind}"] = part
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_checkpoint(path: str | Path) -> Any:
+    """A checkpoint file: safetensors with `safetensors`, anything else with `torch.load(weights_only=True)`.
+
+    `argparse.Namespace` (the `args` that MAE's and MoCo v3's training scripts store) is the one extra class allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    import torch
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_weights(folder: str | Path) -> Path:
+    """The weights file of a folder: model.safetensors (or its index) first, then a torch file."""
+    folder = Path(folder)
+    for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, *TORCH_WEIGHTS_NAMES):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"{folder} holds no weights: expected one of {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
+        + ", ".join(TORCH_WEIGHTS_NAMES)
+    )
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file or of a folder (safetensors preferred, sharded safetensors supported)."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_weights(path)
+    if path.name.endswith(".index.json"):
+        from safetensors.torch import load_file
+
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        state_dict: dict = {}
+        for shard in shards:
+            state_dict.update(load_file(path.parent / shard, device="cpu"))
+        return state_dict
+    checkpoint = load_checkpoint(path)
+    return unwrap_state_dict(checkpoint, source=str(path))
+
+
+def unwrap_state_dict(checkpoint: Any, keys: Sequence[str] = ("model", "state_dict"), source: str = "checkpoint"):
+    """The tensor dict inside a training checkpoint (`{"model": ...}` or `{"state_dict": ...}`), without `module.`."""
+    import torch
+
+    if isinstance(checkpoint, Mapping):
+        for key in keys:
+            if isinstance(checkpoint.get(key), Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{source} holds no state dict (a mapping of tensors, possibly under {' or '.join(keys)})")
+    return strip_common_prefix(checkpoint)
+
+
+def checkpoint_args(checkpoint: Any) -> dict[str, Any]:
+    """The training arguments a checkpoint stores (`args` as a Namespace or dict), else `{}`."""
+    if not isinstance(checkpoint, Mapping):
+        return {}
+    args = checkpoint.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# configs, inputs and output checks
+
+
+def config_fields() -> list[str]:
+    """The MACRL-specific fields of `MACRLConfig` (what `--set` may change)."""
+    import dataclasses
+
+    from transformers import PreTrainedConfig
+
+    from macrl import MACRLConfig
+
+    base = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    return [field.name for field in dataclasses.fields(MACRLConfig) if field.name not in base]
+
+
+def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
+    """`["mask_ratio=0.5", "reconstruction_loss=l2"]` -> `{"mask_ratio": 0.5, "reconstruction_loss": "l2"}`.
+
+    Values are read as JSON (numbers, true/false, null) and kept as strings otherwise; unknown fields raise.
+    """
+    overrides: dict[str, Any] = {}
+    known = config_fields()
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key not in known:
+            raise ValueError(f"--set {key}: not a MACRLConfig field; known fields: {', '.join(known)}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def build_config(fields: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> MACRLConfig:
+    """`MACRLConfig(**fields)` with `overrides` on top (its validation names any bad field)."""
+    from macrl import MACRLConfig
+
+    return MACRLConfig(**{**fields, **(overrides or {})})
+
+
+def random_pixels(config: MACRLConfig, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
+    """Reproducible normalised-looking pixels `[B, C, H, W]` for output comparisons."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    size = config.image_size
+    return torch.randn(batch_size, config.num_channels, size, size, generator=generator)
+
+
+def random_noise(config: MACRLConfig, batch_size: int = 2, seed: int = 1) -> torch.Tensor:
+    """Reproducible masking noise `[B, num_patches]` (the patches with the smallest noise stay visible)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch_size, config.num_patches, generator=generator)
+
+
+def compare_outputs(
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    name: str = "output",
+) -> float:
+    """Check `allclose(a, b, atol, rtol)` in float32; raise `OutputMismatchError` naming `name` otherwise.
+
+    Returns the largest absolute difference (0.0 when both are None).
+    """
+    import torch
+
+    if a is None or b is None:
+        if a is None and b is None:
+            return 0.0
+        raise OutputMismatchError(f"{name}: one model returned None, the other a tensor")
+    a = torch.as_tensor(a).detach().float().cpu()
+    b = torch.as_tensor(b).detach().float().cpu()
+    if a.shape != b.shape:
+        raise OutputMismatchError(f"{name}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise OutputMismatchError(f"{name}: non-finite values")
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    if not torch.allclose(a, b, atol=atol, rtol=rtol):
+        raise OutputMismatchError(f"{name}: max |a - b| = {diff:.3g} exceeds atol={atol:g} + rtol={rtol:g} * |b|")
+    log(f"  {name}: allclose (max |diff| {diff:.2e})")
+    return diff
+
+
+def compare_state_dicts(a: Mapping[str, Any], b: Mapping[str, Any], name: str = "weights") -> None:
+    """Raise `OutputMismatchError` unless `a` and `b` hold the same keys and bit-identical tensors."""
+    import torch
+
+    check_keys(a, b, source=name)
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    if different:
+        raise OutputMismatchError(f"{name}: tensors differ for {_list_keys(different)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# saving and pushing
+
+
+def default_processor(config: MACRLConfig) -> MACRLImageProcessor:
+    from macrl import MACRLImageProcessor
+
+    return MACRLImageProcessor.from_model_config(config)
+
+
+def load_processor(folder: str | Path | None, config: MACRLConfig) -> MACRLImageProcessor:
+    """The MACRL image processor saved in `folder` if there is one, else the default one for `config`."""
+    from macrl import MACRLImageProcessor
+
+    if folder is not None and Path(folder, "preprocessor_config.json").is_file():
+        return MACRLImageProcessor.from_pretrained(folder)
+    return default_processor(config)
+
+
+def save_pretrained(
+    model: nn.Module, output_dir: str | Path, processor: MACRLImageProcessor | None = None, verify: bool = True
+) -> Path:
+    """`model.save_pretrained(output_dir)` plus its image processor (`MACRLImageProcessor.from_model_config` unless
+    given); with `verify`, reload the folder and check that the weights come back bit-identical."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    (processor if processor is not None else default_processor(model.config)).save_pretrained(output_dir)
+    if verify:
+        reloaded = type(model).from_pretrained(output_dir)
+        compare_state_dicts(reloaded.state_dict(), model.state_dict(), name=f"{output_dir} reloaded")
+    log(f"saved {type(model).__name__} to {output_dir}")
+    return output_dir
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload converted model",
+) -> str:
+    """Upload `folder` to `repo_id`: a MACRL folder with `macrl.hub.push_encoder_to_hub` (checks, no pickles, no
+    README overwrite); any other folder (a timm export) with the same pickle guard. Returns the commit URL."""
+    from macrl.hub import push_encoder_to_hub
+
+    folder = Path(folder)
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type == "macrl":
+        url = push_encoder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
+    else:
+        url = _push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+    log(f"pushed {folder} to {repo_id}: {url}")
+    return url
+
+
+def _push_folder(folder: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    from macrl.hub import LOCAL_CACHE_PATTERNS, PICKLE_PATTERNS, HubPushError, TransportError, _explain
+
+    if not (folder / "config.json").is_file() or not (folder / SAFE_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} needs config.json and {SAFE_WEIGHTS_NAME} to be pushed")
+    validate_repo_id(repo_id)
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            ignore_patterns=PICKLE_PATTERNS + LOCAL_CACHE_PATTERNS,
+            token=token,
+        )
+    except (HfHubHTTPError, LocalTokenNotFoundError, TransportError, ConnectionError, TimeoutError) as error:
+        raise HubPushError(_explain(error, repo_id, api.endpoint, None)) from error
+    return commit.commit_url
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, overrides: bool = True) -> None:
+    """The options every script shares: tolerances, seed, `--set`, `--push-to-hub`, `--private`."""
+    group = parser.add_argument_group("checks, output and Hub")
+    group.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="absolute tolerance of the output checks")
+    group.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance of the output checks")
+    group.add_argument(
+        "--seed", type=int, default=0, help="seed of the freshly initialised parts and of the check inputs"
+    )
+    if overrides:
+        group.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a MACRLConfig field of the result (repeatable; JSON values), e.g. "
+            "--set reconstruction_loss=l2 --set contrastive_weight=0",
+        )
+    group.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
+    group.add_argument("--private", action="store_true", help="create the Hub repository as private")
+
+
+def run_cli(convert, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, run `convert(args)` and turn a known failure into one `error:` line and exit status 1."""
+    args = parser.parse_args(argv)
+    from macrl.hub import HubPushError
+
+    try:
+        convert(args)
+    except (KeyMismatchError, OutputMismatchError, FileNotFoundError, ValueError, HubPushError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+
+def describe_position_embedding(pos_embed: torch.Tensor, grid_size: int) -> str:
+    """Name the layout of a `[1, 1 + grid**2, D]` position embedding (it is always copied as it is)."""
+    import torch
+
+    from macrl.modeling_macrl import sincos_position_embedding
+
+    pos_embed = pos_embed.detach().float().cpu()
+    dim = pos_embed.shape[-1]
+    if dim % 4 or pos_embed.shape[1] != grid_size**2 + 1:
+        return "not a 2D sin-cos table (kept as it is)"
+    fixed = sincos_position_embedding(grid_size, dim)
+    half = dim // 2
+    swapped = torch.cat([fixed[..., half:], fixed[..., :half]], dim=-1)
+    if torch.allclose(pos_embed, fixed, atol=1e-5):
+        return "MAE's fixed 2D sin-cos, [w | h] halves (what MACRL initialises)"
+    if torch.allclose(pos_embed, swapped, atol=1e-5):
+        return "2D sin-cos with [h | w] halves, transposed against MAE's (kept as it is: the weights were trained so)"
+    if not pos_embed.any():
+        return "all zeros (an untrained initialisation?), kept as it is"
+    return "not MAE's fixed 2D sin-cos (learned or another layout), kept as it is"
