@@ -140,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = root / f"{method}-{args.minutes:g}min-seed{seed}"
             train = run_pretraining(method, seed, args.minutes, run_dir, extra)
             scores = cached(run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed))
-            log = [json.loads(line) for line in (run_dir / "logs" / "train_log.jsonl").read_text().splitlines()]
-            speeds = [record["images_per_second"] for record in log if "images_per_second" in record]
             rows.setdefault(method, []).append(
-                {**scores, "training_minutes": train["training_minutes"], "images_per_second": statistics.median(speeds)}
+                {**scores, "training_minutes": train["training_minutes"], "images_per_second": train["images_per_second"]}
             )
             print(summarise(rows, args.minutes), flush=True)
     if not args.no_floors:

@@ -513,7 +513,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, overrides: bool = True
 def run_cli(convert, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run `convert(args)` and turn a known failure into one `error:` line and exit status 1."""
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
     from macrl.hub import HubPushError
+
+    transformers_logging.disable_progress_bar()
 
     try:
         convert(args)

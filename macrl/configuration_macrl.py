@@ -1,5 +1,6 @@
 """MACRL model configuration."""
 
+import math
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -125,6 +126,13 @@ class MACRLConfig(PreTrainedConfig):
         def fail(field: str, problem: str) -> None:
             raise ValueError(f"MACRLConfig.{field}={getattr(self, field)!r}: {problem}")
 
+        # NaN passes every range check below (comparisons with NaN are False) and inf the one-sided ones: a NaN loss
+        # weight or an infinite temperature or init std would only show up later, as NaN losses
+        # (an int too large for a float overflows the float arithmetic of the checks and of the model the same way)
+        for field in set(MACRLConfig.__dataclass_fields__) - set(PreTrainedConfig.__dataclass_fields__):
+            value = getattr(self, field)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_finite(value):
+                fail(field, "must be a finite number")
         for field in (
             "image_size",
             "patch_size",
@@ -163,7 +171,8 @@ class MACRLConfig(PreTrainedConfig):
         for field in ("mask_ratio", "momentum_mask_ratio"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 fail(field, "must be in [0, 1): at least one patch has to stay visible")
-        if self.mask_ratio > 0 and int(self.num_patches * (1 - self.mask_ratio)) < 1:
+        # (from 2**53 patches on, any mask_ratio < 1 keeps a patch; the cap keeps the product a finite float)
+        if self.mask_ratio > 0 and int(min(self.num_patches, 2**53) * (1 - self.mask_ratio)) < 1:
             fail("mask_ratio", f"leaves no visible patch out of {self.num_patches}")
         for field in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0.0 <= getattr(self, field) < 1.0:
@@ -192,6 +201,13 @@ class MACRLConfig(PreTrainedConfig):
     def num_patches(self) -> int:
         """Number of patches of an `image_size` x `image_size` image."""
         return (self.image_size // self.patch_size) ** 2
+
+
+def _is_finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
 
 
 __all__ = ["MACRLConfig"]

@@ -38,6 +38,11 @@ def convert_image_mode(image: Image.Image, mode: str) -> Image.Image:
       ``ALPHA_BACKGROUND``.
     * ``CMYK``, ``YCbCr``, ``1``, ...: PIL's conversion.
     """
+    # PIL converts premultiplied "La" only to "LA", and CIELab "LAB" (TIFF) to RGB but not to "L"
+    if image.mode == "La":
+        image = image.convert("LA")
+    elif image.mode == "LAB":
+        image = image.convert("RGB")
     if image.mode.startswith("I;16"):
         image = image.convert("I").point(lambda v: v * _SIXTEEN_BIT_SCALE + 0.5)
     elif image.mode in ("I", "F"):
@@ -88,6 +93,8 @@ class MACRLImageProcessor(ViTImageProcessor):
 
     def process_image(self, image: ImageInput, *args, **kwargs) -> torch.Tensor:
         if isinstance(image, Image.Image):
+            if 0 in image.size:  # would fail deep in the resize with a RuntimeError about a tensor shape
+                raise ValueError(f"cannot process an image of {image.width}x{image.height} pixels")
             image = convert_image_mode(image, "L" if self.num_channels == 1 else "RGB")
             kwargs["do_convert_rgb"] = False
         elif self.num_channels == 3:

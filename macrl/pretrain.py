@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -303,6 +304,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "train_loss": round(train_output.training_loss, 4),
         "training_minutes": round(train_output.metrics.get("train_runtime", 0.0) / 60, 2),
+        "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
         "stopped_by_time_budget": bool(budget and budget.stopped_early),
     }
     evaluation = evaluate_knn(model.macrl, release.processor, data, batch_size=256, device=device) if args.knn_eval else None
@@ -333,6 +335,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
 def main(argv: list[str] | None = None) -> int:
     (args,) = build_parser().parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    # keep the terminal to the training bar and the logs: no bar per save_pretrained / from_pretrained
+    transformers.utils.logging.disable_progress_bar()
     try:
         results = run_pretraining(args)
     except (PretrainingError, HubPushError) as error:

@@ -41,6 +41,9 @@ def open_image(path: str | Path, mode: str) -> Image.Image:
     """
     try:
         with Image.open(path) as image:
+            # Image.open only warns between MAX_IMAGE_PIXELS and twice that, and load() then decodes the lot (a
+            # small file can hold gigabytes of pixels): refuse from the limit on, before anything is decoded.
+            _check_pixel_count(image)
             image.seek(0)  # animated GIF/WebP/TIFF: train on the first frame
             image.load()
             # Phone photos store rotation in EXIF; ignoring it trains on sideways images.
@@ -51,6 +54,18 @@ def open_image(path: str | Path, mode: str) -> Image.Image:
         raise UnreadableImageError(
             f"Cannot read image {path}: {type(e).__name__}: {e}"
         ) from e
+
+
+def _check_pixel_count(image: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = image.width * image.height
+    if limit is not None and pixels > limit:
+        raise Image.DecompressionBombError(
+            f"Image size ({pixels} pixels) exceeds limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS), "
+            "could be decompression bomb DOS attack."
+        )
+    if pixels == 0:  # some decoders accept a 0 x N header; the processor cannot resize such an image
+        raise ValueError(f"image is {image.width}x{image.height} pixels")
 
 
 def _scan_image_files(root: Path) -> list[Path]:

@@ -7,7 +7,7 @@ from transformers import HfArgumentParser
 
 
 def _flag(default, help: str, **kwargs):
-    """A dataclass field whose help `--help` prints; the hyphenated spelling is added by `build_parser`."""
+    """A dataclass field whose help `--help` prints; the hyphenated alias is added below the class."""
     return field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -29,7 +29,11 @@ class PretrainingArguments:
         "Training-time budget. Without --max-steps, the step count (and so the learning-rate and momentum "
         "schedules) is fitted to it from a short timing of real steps; training always stops when it is spent.",
     )
-    lr: float = _flag(1.5e-4, "Base learning rate; the optimiser uses lr x batch_size / 256 (MAE's rule).")
+    lr: float = _flag(
+        3e-4,
+        "Base learning rate; the optimiser uses lr x batch_size / 256 (MAE's rule). Twice MAE's 1.5e-4, since CPU "
+        "budgets are a few epochs, not hundreds.",
+    )
     warmup_ratio: float = _flag(0.05, "Fraction of the steps spent warming the learning rate up linearly.")
     weight_decay: float = _flag(0.05, "AdamW weight decay (not on biases, norms, tokens and positions).")
     max_grad_norm: float = _flag(0.0, "Clip gradients to this norm; 0 disables clipping.")
@@ -74,11 +78,14 @@ class PretrainingArguments:
         return {**changes, **{name: getattr(self, name) for name in names if getattr(self, name) is not None}}
 
 
+# every flag also answers to its hyphenated spelling (--batch-size as well as --batch_size)
+for _field in fields(PretrainingArguments):
+    if "_" in _field.name:
+        _field.metadata = {**_field.metadata, "aliases": [f"--{_field.name.replace('_', '-')}"]}
+
+
 def build_parser() -> HfArgumentParser:
-    """`HfArgumentParser` of `PretrainingArguments` that accepts `--batch-size` as well as `--batch_size`."""
-    for arg in fields(PretrainingArguments):
-        if "_" in arg.name:
-            arg.metadata = {**arg.metadata, "aliases": [f"--{arg.name.replace('_', '-')}"]}
+    """`HfArgumentParser` of `PretrainingArguments`."""
     return HfArgumentParser(
         PretrainingArguments,
         prog="macrl-pretrain",
