@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.output_dir)
     extra = ["--config", args.config, "--bf16", *args.extra]
     rows: dict[str, list[dict]] = {}
-    for method in args.methods:
-        for seed in args.seeds:
+    # seeds outermost: a benchmark cut short still has every method once
+    for seed in args.seeds:
+        for method in args.methods:
             run_dir = root / f"{method}-{args.minutes:g}min-seed{seed}"
             train = run_pretraining(method, seed, args.minutes, run_dir, extra)
             scores = cached(run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed))

@@ -565,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="override the batch of every size")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, usually one per core)"
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument("--verbose", action="store_true", help="progress on stderr")
     parser.add_argument("--memory-worker", nargs=4, metavar=("SIZE", "CASE", "BATCH", "STEPS"), help=argparse.SUPPRESS)
@@ -573,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_worker:
         size_name, case, batch, steps = args.memory_worker
         memory_worker(size_name, case, int(batch), int(steps))

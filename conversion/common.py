@@ -13,7 +13,8 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -359,6 +360,19 @@ def random_noise(config: MACRLConfig, batch_size: int = 2, seed: int = 1) -> tor
     return torch.rand(batch_size, config.num_patches, generator=generator)
 
 
+@contextmanager
+def temporarily(obj: Any, **values: Any) -> Iterator[None]:
+    """Set attributes (e.g. config fields) for the duration of a `with` block, then restore them."""
+    saved = {name: getattr(obj, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(obj, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
+
+
 def compare_outputs(
     a: torch.Tensor | None,
     b: torch.Tensor | None,
@@ -511,7 +525,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, overrides: bool = True
 
 
 def run_cli(convert, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse `argv`, run `convert(args)` and turn a known failure into one `error:` line and exit status 1."""
+    """Parse `argv`, run `convert(args)` and turn a known failure (mismatched keys or outputs, a missing or unreadable
+    source, a bad value, a failed push) into one `error:` line on stderr and exit status 1."""
     args = parser.parse_args(argv)
     from transformers.utils import logging as transformers_logging
 
@@ -521,7 +536,7 @@ def run_cli(convert, parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
     try:
         convert(args)
-    except (KeyMismatchError, OutputMismatchError, FileNotFoundError, ValueError, HubPushError) as error:
+    except (KeyMismatchError, OutputMismatchError, OSError, ValueError, HubPushError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

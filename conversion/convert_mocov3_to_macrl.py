@@ -265,7 +265,7 @@ def convert_mocov3(
         f"{config.predictor_hidden_size}"
     )
     converted = convert_state_dict(state_dict, encoder_only)
-    reference = build_reference(state_dict, config, encoder_only)
+    reference = build_reference(state_dict, build_config(fields), encoder_only)  # the source as stored (before --set)
 
     torch.manual_seed(seed)
     if encoder_only:

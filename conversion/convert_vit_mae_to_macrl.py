@@ -1,7 +1,7 @@
 """Convert a transformers `ViTMAEForPreTraining` (a folder or a Hub id) to a `MACRLForPreTraining` folder.
 
     python conversion/convert_vit_mae_to_macrl.py facebook/vit-mae-base ./macrl-vit-mae-base
-    python conversion/convert_vit_mae_to_macrl.py ./vit-mae ./out --set reconstruction_loss=l2 --set contrastive_weight=0
+    python conversion/convert_vit_mae_to_macrl.py VIT_MAE ./mae --set reconstruction_loss=l2 --set contrastive_weight=0
     python conversion/convert_vit_mae_to_macrl.py ./vit-mae ./encoder --encoder-only     # a MACRLModel only
 
 Encoder and decoder are copied; projector and predictor are freshly initialised (`--seed`) and the momentum branch is
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +60,7 @@ from conversion.common import (  # noqa: E402
     rename_keys,
     run_cli,
     save_pretrained,
+    temporarily,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -185,20 +185,12 @@ def load_vit_mae(source: str, revision: str | None = None, encoder_only: bool = 
     return model.eval()
 
 
-@contextmanager
-def _temporarily(config: Any, **values):
-    saved = {name: getattr(config, name) for name in values}
-    try:
-        for name, value in values.items():
-            setattr(config, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(config, name, value)
-
-
 def verify(source, model, *, encoder_only: bool, atol: float, rtol: float, seed: int = 0) -> dict[str, float]:
-    """Compare the converted model with the ViTMAE source (see the module docstring); returns the max differences."""
+    """Compare the converted model with the ViTMAE source (see the module docstring); returns the max differences.
+
+    The MACRL side runs with the source's objective (its mask ratio and `norm_pix_loss`, an L2 loss), whatever
+    `--set` chose for the saved config, so that the comparison is about the weights.
+    """
     import torch
 
     config = model.config
@@ -211,7 +203,7 @@ def verify(source, model, *, encoder_only: bool, atol: float, rtol: float, seed:
     with torch.no_grad():
         # ViTMAE always shuffles the tokens: identity noise with mask ratio 0 keeps them all, in image order
         identity = torch.arange(config.num_patches, dtype=torch.float32).expand(pixels.shape[0], -1)
-        with _temporarily(vit.embeddings.config, mask_ratio=0.0):
+        with temporarily(vit.embeddings.config, mask_ratio=0.0):
             reference = vit(pixels, noise=identity).last_hidden_state
         ours = encoder(pixels).last_hidden_state
         diffs["last_hidden_state"] = compare_outputs(ours, reference, atol, rtol, "encoder last_hidden_state")
@@ -219,10 +211,13 @@ def verify(source, model, *, encoder_only: bool, atol: float, rtol: float, seed:
             return diffs
         noise = random_noise(config, seed=seed + 1)
         reference = source(pixels, noise=noise)
-        ours = model(pixels, noise=noise)
-        diffs["mask"] = compare_outputs(ours.mask, reference.mask, 0.0, 0.0, "mask")
-        diffs["logits"] = compare_outputs(ours.logits, reference.logits, atol, rtol, "reconstruction logits")
-        with _temporarily(config, reconstruction_loss="l2"):  # MAE's objective
+        mae = dict(mask_ratio=source.config.mask_ratio, norm_pix_loss=source.config.norm_pix_loss)
+        with temporarily(config, reconstruction_loss="l2", **mae):  # MAE's objective
+            ours = model(pixels, noise=noise)
+            diffs["logits"] = compare_outputs(ours.logits, reference.logits, atol, rtol, "reconstruction logits")
+            if source.config.mask_ratio == 0:  # nothing hidden: MACRL returns no mask, and MAE's loss is 0 / 0
+                return diffs
+            diffs["mask"] = compare_outputs(ours.mask, reference.mask, 0.0, 0.0, "mask")
             loss = model.forward_loss(pixels, ours.logits, ours.mask)
         diffs["loss"] = compare_outputs(loss, reference.loss, atol, rtol, "MAE (l2) loss")
     return diffs

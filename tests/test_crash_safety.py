@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from macrl.pretrain import main
+from macrl.training import trainer as trainer_module
 from macrl.training.trainer import STAGING_DIR, IncompleteCheckpointError, checkpoint_problem
 
 ARGS = [
@@ -356,3 +357,34 @@ def test_checkpoint_files_are_on_disk_before_the_rename(tmp_path, monkeypatch):
             assert source in synced_before  # and the folder, for its entries
             checked += 1
     assert checked == 2  # checkpoint-2 and checkpoint-4
+
+
+def test_rotation_never_leaves_a_half_deleted_checkpoint(tmp_path, reference, monkeypatch):
+    """A kill while an old checkpoint is being deleted (save_total_limit) leaves no partial `checkpoint-N` in place:
+    MACRLPretrainer renames it into staging first; transformers' `rotate_checkpoints` deletes it where it is."""
+
+    def killed_while_deleting(path, ignore_errors=False):  # removes half the files, then the process "dies"
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        if files:
+            for file in files[: len(files) // 2]:
+                file.unlink()
+            raise KeyboardInterrupt
+
+    for rotate in ("macrl", "transformers"):
+        checkpoints = tmp_path / rotate / "checkpoints"
+        for name in ("checkpoint-8", "checkpoint-12"):
+            shutil.copytree(reference(12) / "checkpoints" / name, checkpoints / name)
+        (checkpoints / STAGING_DIR).mkdir()
+        with monkeypatch.context() as patch:
+            patch.setattr(shutil, "rmtree", killed_while_deleting)
+            with pytest.raises(KeyboardInterrupt):
+                if rotate == "macrl":
+                    trainer_module._rotate_checkpoints(str(checkpoints), str(checkpoints / STAGING_DIR), 1)
+                else:
+                    rotate_checkpoints(str(checkpoints), save_total_limit=1)
+        visible = sorted(p.name for p in checkpoints.glob("checkpoint-*"))
+        if rotate == "macrl":
+            assert visible == ["checkpoint-12"]
+            _assert_visible_checkpoints_complete(checkpoints.parent)
+        else:  # the failure this guards against
+            assert visible == ["checkpoint-12", "checkpoint-8"] and checkpoint_problem(checkpoints / "checkpoint-8")

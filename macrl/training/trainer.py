@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from .callbacks import MomentumUpdateCallback
 
@@ -64,8 +64,10 @@ class MACRLPretrainer(Trainer):
 
     - the logs carry the loss of the global batch (averaged over processes), its reconstruction and contrastive
       parts, the EMA momentum and images/s;
-    - a checkpoint is written to `checkpoints/.staging/` and renamed into place once complete, so an interrupted
-      write never leaves a `checkpoint-N` folder that `--resume` would take;
+    - a checkpoint is written to `checkpoints/.staging/` and renamed into place once complete (its files fsynced
+      first), and old checkpoints are renamed into staging before they are deleted, so a kill at any moment never
+      leaves a partial `checkpoint-N` folder that `--resume` would take;
+    - resuming from a checkpoint with a missing or truncated file raises `IncompleteCheckpointError`;
     - tokens and fixed positions get no weight decay (MAE's `no_weight_decay`).
     """
 
@@ -83,6 +85,8 @@ class MACRLPretrainer(Trainer):
             problem = checkpoint_problem(resume_from_checkpoint)
             if problem is not None:
                 raise IncompleteCheckpointError(f"{resume_from_checkpoint} is not a complete checkpoint ({problem})")
+        if self.args.should_save:  # whatever a killed run left in staging is never needed: start clean
+            shutil.rmtree(os.path.join(self.args.output_dir, STAGING_DIR), ignore_errors=True)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -140,8 +144,21 @@ class MACRLPretrainer(Trainer):
             os.replace(os.path.join(staging, folder), final)
             _fsync_directory(run_dir)
             shutil.rmtree(replaced, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+            _rotate_checkpoints(run_dir, staging, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
+
+
+def _rotate_checkpoints(run_dir: str, staging: str, save_total_limit: int | None) -> None:
+    """transformers' `rotate_checkpoints` (keep the newest `save_total_limit`), but each old checkpoint is renamed
+    into staging before it is deleted: a kill during the deletion never leaves a half-deleted `checkpoint-N`."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    checkpoints = sort_checkpoints(run_dir, PREFIX_CHECKPOINT_DIR, use_mtime=False)
+    for old in checkpoints[: max(len(checkpoints) - save_total_limit, 0)]:
+        doomed = os.path.join(staging, f"{os.path.basename(old)}.deleted")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_tree(path: str) -> None:
