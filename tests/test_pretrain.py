@@ -194,3 +194,18 @@ def test_push_keeps_a_card_the_repo_already_had(tmp_path, hub_server):
     assert Path(hf_hub_download("tester/has-card", "model.safetensors")).read_bytes() == (
         tmp_path / "run" / "encoder" / "model.safetensors"
     ).read_bytes()
+
+
+def test_datasets_dataset_as_data(tmp_path):
+    import datasets  # the [test] extra installs it
+    images, labels = load_fashion_mnist("test")
+    split = lambda start: datasets.Dataset.from_dict(  # noqa: E731
+        {"image": [Image.fromarray(images[i].numpy()) for i in range(start, start + 40)],
+         "label": labels[start:start + 40].tolist()},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+    )
+    datasets.DatasetDict({"train": split(0), "test": split(40)}).save_to_disk(tmp_path / "fmnist_ds")
+    out = tmp_path / "run"
+    assert _run(*FAST, "--data", tmp_path / "fmnist_ds", "--output-dir", out, "--max-steps", "2") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["knn_train_images"] == 40 and results["knn_test_images"] == 40
