@@ -37,12 +37,18 @@ METHODS = {
 }
 
 
-def run_pretraining(method: str, seed: int, minutes: float, run_dir: Path, extra: list[str]) -> dict:
+def run_pretraining(
+    method: str, seed: int, minutes: float, run_dir: Path, extra: list[str], step_seconds: float | None
+) -> dict:
     """`macrl-pretrain` in a subprocess; returns its results.json."""
     if not (run_dir / "results.json").exists():
+        # a fixed step count (budget / quiet-machine step time) keeps the result independent of other load
+        length = ["--max-minutes", str(minutes)] if step_seconds is None else [
+            "--max-steps", str(max(1, round(minutes * 60 / step_seconds)))
+        ]
         command = [
             sys.executable, "-m", "macrl.pretrain",
-            "--output-dir", str(run_dir), "--max-minutes", str(minutes), "--seed", str(seed),
+            "--output-dir", str(run_dir), *length, "--seed", str(seed),
             "--knn-eval", "false", "--save-steps", "100000", *METHODS[method], *extra,
         ]
         print("$", " ".join(command), flush=True)
@@ -129,17 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="fmnist", help="Model preset shared by every method (default: fmnist).")
     parser.add_argument("--no-floors", action="store_true", help="Skip the random-init and raw-pixel floors.")
     parser.add_argument("--output-dir", default="benchmarks/results/quality", help="Where runs and tables go.")
+    parser.add_argument(
+        "--step-seconds",
+        nargs="*",
+        default=[],
+        metavar="METHOD=SECONDS",
+        help="Turn the budget into a fixed step count from each method's step time on a quiet machine (e.g. "
+        "macrl=1.03 mae=0.68 mocov3=2.89, bf16, batch 256, measured with benchmarks/speed.py), so that other load "
+        "on the machine slows a run down but does not change its result. Default: fit to the clock.",
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further macrl-pretrain flags.")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     root = Path(args.output_dir)
     extra = ["--config", args.config, "--bf16", *args.extra]
+    step_seconds = {name: float(value) for name, value in (item.split("=") for item in args.step_seconds)}
     rows: dict[str, list[dict]] = {}
     # seeds outermost: a benchmark cut short still has every method once
     for seed in args.seeds:
         for method in args.methods:
             run_dir = root / f"{method}-{args.minutes:g}min-seed{seed}"
-            train = run_pretraining(method, seed, args.minutes, run_dir, extra)
+            train = run_pretraining(method, seed, args.minutes, run_dir, extra, step_seconds.get(method))
             scores = cached(run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed))
             rows.setdefault(method, []).append(
                 {**scores, "training_minutes": train["training_minutes"], "images_per_second": train["images_per_second"]}

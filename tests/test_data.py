@@ -341,7 +341,9 @@ def test_hf_source_without_datasets_explains_install(monkeypatch):
 
 @pytest.fixture
 def hf_datasets():
-    return pytest.importorskip("datasets", reason="optional dependency `datasets` not installed")
+    import datasets  # the [test] extra installs it
+
+    return datasets
 
 
 def test_hf_saved_dataset_detects_columns_by_feature_type(tmp_path: Path, hf_datasets):

@@ -184,7 +184,7 @@ def test_bf16_features_are_close_to_fp32(model_folder, image_folder, reference, 
 
 
 def test_hf_dataset_ids_are_indices(model_folder, tmp_path, capsys):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the [test] extra installs it
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     table = datasets.Dataset.from_dict(
         {"image": [Image.fromarray(image.numpy()) for image in load_fashion_mnist("test")[0][:5]],
