@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, PatchEmbed, get_act_layer, resample_abs_pos_embed
-from timm.layers.activations import GELU as TimmGELU
-from timm.layers.activations import GELUTanh as TimmGELUTanh
+from timm.layers import PatchEmbed, get_act_layer, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import PreTrainedModel
@@ -107,45 +105,6 @@ def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
     return torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1).unsqueeze(0)
 
 
-# Performance: without autograd (extraction, and the momentum branch of every pre-training step) on the CPU in
-# float32, `MACRLMlp` runs fc1 and its GELU as one oneDNN kernel (the op torch.compile's CPU backend uses). That saves
-# the bias copy of `addmm` and a full pass of GELU over the widest activation: ~15% of an encoder forward, same
-# result (bit-equal for the erf GELU in our measurements). Anything else (autograd, autocast, other devices and
-# activations, a torch build without oneDNN) takes timm's plain path. Set to False to always take the plain path.
-FUSED_CPU_MLP = hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_GELU_ALGORITHMS = {TimmGELU: "none", TimmGELUTanh: "tanh"}
-
-
-def _gelu_algorithm(act: nn.Module) -> str | None:
-    if isinstance(act, nn.GELU):
-        return act.approximate
-    return _GELU_ALGORITHMS.get(type(act))
-
-
-class MACRLMlp(Mlp):
-    """timm's `Mlp` (same parameters), with fc1 + GELU fused when no gradient is needed on the CPU (see above)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        global FUSED_CPU_MLP
-        if (
-            FUSED_CPU_MLP
-            and not torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.fc1.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not (torch.compiler.is_compiling() or torch.jit.is_tracing())  # compilers and exporters fuse on their own
-            and (algorithm := _gelu_algorithm(self.act)) is not None
-        ):
-            try:
-                hidden = torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], algorithm)
-            except RuntimeError:  # a build whose oneDNN cannot run it: use the plain path from now on
-                FUSED_CPU_MLP = False
-                return super().forward(x)
-            return self.drop2(self.fc2(self.norm(self.drop1(hidden))))
-        return super().forward(x)
-
-
 class MACRLBlock(Block, GradientCheckpointingLayer):
     """timm's pre-norm ViT block (SDPA attention), with transformers' gradient checkpointing switch."""
 
@@ -160,7 +119,6 @@ class MACRLBlock(Block, GradientCheckpointingLayer):
             drop_path=drop_path,
             act_layer=get_act_layer(config.hidden_act),
             norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps),
-            mlp_layer=MACRLMlp,
         )
 
 
