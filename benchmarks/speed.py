@@ -604,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for size_name in sizes:
         results += benchmark_size(size_name, args, device)
+        if args.verbose:  # a long run shows each size's rows as soon as they are measured
+            print(format_table(build_table(results, device)), file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 

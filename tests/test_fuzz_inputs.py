@@ -422,6 +422,16 @@ def test_config_json_that_is_not_json_raises_os_error(tmp_path):
     assert tried["broken"] == 60
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '"macrl"', "3", "null"])
+def test_config_json_that_is_not_an_object_is_refused(tmp_path, text):
+    """transformers' own errors: TypeError from MACRLConfig.from_pretrained; ValueError or TypeError from AutoConfig."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(TypeError):
+        MACRLConfig.from_pretrained(tmp_path)
+    with pytest.raises((ValueError, TypeError)):
+        AutoConfig.from_pretrained(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # weight files
 
