@@ -44,7 +44,7 @@ from .training.callbacks import (
 )
 from .training.data import PretrainingData, build_pretraining_data
 from .training.pictures import plot_loss_curves, reconstruction_grid
-from .training.trainer import MACRLPretrainer
+from .training.trainer import MACRLPretrainer, checkpoint_problem
 
 logger = logging.getLogger("macrl.pretrain")
 
@@ -74,8 +74,9 @@ def resolve_checkpoint(args: PretrainingArguments, checkpoint_dir: Path, config:
     checkpoint = existing if args.resume == "latest" else args.resume
     if checkpoint is None:
         raise PretrainingError(f"--resume: no checkpoint to resume from in {checkpoint_dir}")
-    if not Path(checkpoint, "trainer_state.json").is_file():
-        raise PretrainingError(f"--resume: {checkpoint} is not a complete checkpoint (no trainer_state.json)")
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:  # refused, not skipped: resuming from an older step silently would be another run
+        raise PretrainingError(f"--resume: {checkpoint} is not a complete checkpoint ({problem})")
     saved = MACRLConfig.from_pretrained(checkpoint)
     # the model's own fields; the generic PreTrainedConfig ones (output_hidden_states...) do not change the run
     own_fields = set(MACRLConfig.__dataclass_fields__) - set(PreTrainedConfig.__dataclass_fields__)
