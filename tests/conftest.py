@@ -2,30 +2,19 @@
 
 import os
 
-import pytest
-import torch
-
-# Tests only talk to Hub servers on loopback, and must not wait for an interactive trust_remote_code prompt.
+# Tests only talk to Hub servers on loopback, and must not wait for an interactive trust_remote_code prompt
+# (set before huggingface_hub is imported, which reads them once).
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRUST_REMOTE_CODE_TIMEOUT", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from macrl.presets import PRESETS  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TINY = dict(
-    image_size=28,
-    patch_size=4,
-    num_channels=1,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-    decoder_intermediate_size=32,
-    projection_dim=16,
-    projector_hidden_size=32,
-    predictor_hidden_size=32,
-)
+# the "tiny" preset: a model of a few thousand parameters that runs in milliseconds
+TINY = PRESETS["tiny"]
 
 
 @pytest.fixture
