@@ -31,7 +31,7 @@ ARGS = [
     "--limit-images", "48", "--knn-eval", "false", "--seed", "3",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMEOUT = 600  # a hung run fails the test instead of blocking CI
+TIMEOUT = 1200  # a hung run fails the test instead of blocking CI (generous: CI machines can be slow)
 
 
 def _command(out: Path, steps: int, *extra) -> list[str]:
@@ -291,7 +291,8 @@ def test_hand_made_checkpoint_without_trainer_state_fails_clearly(tmp_path, refe
 
     assert main([*FAST_IN_PROCESS, "--output-dir", str(out), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"macrl-pretrain: error: --resume: {foreign} is not a complete checkpoint (no trainer_state.json)"
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"macrl-pretrain: error: --resume: {foreign} is not a complete checkpoint (no trainer_state.json)")
     assert _file_state(out) == before  # nothing written, nothing deleted
 
     # the way out the message points to: resume from a complete checkpoint by name
