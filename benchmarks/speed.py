@@ -8,8 +8,9 @@ What is measured, for every model size, with the same batch for every case of th
   (``contrastive_weight=0``), MACRL under bf16 autocast, and MACRL with only its momentum forward in bf16;
 * feature extraction (``eval()``, ``torch.inference_mode()``), in images/s: ``MACRLModel`` vs timm's
   ``VisionTransformer(num_classes=0)`` vs transformers' ``ViTModel`` (SDPA) in fp32, and MACRL / timm in bf16 autocast;
-* peak memory of each pretraining step: on CPU the peak RSS of a fresh subprocess that builds the case and runs it
-  (above the RSS it had after the imports), on GPU ``torch.cuda.max_memory_allocated``;
+* peak memory of each pretraining step: on CPU the peak RSS of a fresh process that builds the case and runs two steps
+  (above the RSS it had after the imports, file-backed library pages left out), on GPU
+  ``torch.cuda.max_memory_allocated``;
 * on a GPU also bf16-autocast and ``torch.compile`` columns (skipped on CPU).
 
 Timings are medians over ``--repeats`` after ``--warmup`` steps. The cases of a size are timed round-robin (one step
@@ -345,12 +346,32 @@ def _import_everything() -> None:
         importlib.import_module(name)
 
 
+def _proc_status() -> dict[str, int] | None:
+    """Memory fields of /proc/self/status in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith(("Vm", "Rss")))
+    except OSError:
+        return None
+    return {key: int(value.split()[0]) * 1024 for key, value in fields.items()}
+
+
 def _case_peak_mb(size_name: str, case: str, batch: int, steps: int) -> float:
+    """Peak memory of building the case and running `steps` steps, above the memory the process had before.
+
+    On Linux: the peak RSS (VmHWM) minus the RSS before, minus what file-backed pages (library code the step runs
+    for the first time) added, so that what is left is the anonymous memory: weights, optimizer state, activations.
+    """
+    before = _proc_status()
     baseline = current_rss()
     step = build_case(SIZES[size_name], case, batch, torch.device("cpu"))
     for _ in range(steps):
         step()
-    return (peak_rss() - baseline) / 2**20
+    after = _proc_status()
+    if before is None or after is None or "VmHWM" not in after:
+        return (peak_rss() - baseline) / 2**20
+    file_pages = sum(after.get(key, 0) - before.get(key, 0) for key in ("RssFile", "RssShmem"))
+    return (after["VmHWM"] - before["VmRSS"] - file_pages) / 2**20
 
 
 def _memory_child(size_name: str, case: str, batch: int, steps: int, threads: int, connection) -> None:
@@ -701,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             "       peak MB: peak RSS of a fresh process (forked from an import-only forkserver) building the case and "
-            "running 2 steps, above its RSS after the imports (weights, optimizer state, activations)."
+            "running 2 steps,\n                above its RSS after the imports, library pages left out: weights, "
+            "optimizer state, activations."
         )
         print(
             "       bf16 img/s and compile img/s (bf16 autocast and torch.compile of every fp32 case) need a GPU: "
