@@ -448,6 +448,12 @@ class Result:
         return statistics.median(self.times) if self.times else None
 
 
+# wall time; `--clock cpu` switches to this process's CPU time, which a single-threaded run (`--threads 1`) can use on a
+# loaded machine: CPU time does not count the time other processes hold the core (it does count OpenMP spin-waits,
+# so it is no measure for several threads)
+CLOCK = time.perf_counter
+
+
 def time_round_robin(
     steps: dict[str, Callable[[], None]], warmup: int, repeats: int, device: torch.device, results: dict
 ) -> None:
@@ -465,7 +471,7 @@ def _run_guarded(name: str, steps: dict, results: dict, device: torch.device, re
     if name not in steps:
         return
     synchronize(device)
-    start = time.perf_counter()
+    start = CLOCK()
     try:
         steps[name]()
     except Exception as error:  # a failing case becomes an "error" row, the others go on
@@ -474,7 +480,7 @@ def _run_guarded(name: str, steps: dict, results: dict, device: torch.device, re
         return
     synchronize(device)
     if record:
-        results[name].times.append(time.perf_counter() - start)
+        results[name].times.append(CLOCK() - start)
 
 
 def benchmark_size(size_name: str, args: argparse.Namespace, device: torch.device) -> list[Result]:
@@ -653,6 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, usually one per core)"
     )
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time (default), or process CPU time: for --threads 1 on a machine busy with other work",
+    )
     parser.add_argument("--verbose", action="store_true", help="progress on stderr")
     parser.add_argument("--memory-worker", nargs=4, metavar=("SIZE", "CASE", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     return parser
@@ -662,6 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        print("warning: --clock cpu sums the CPU time of all threads; use it with --threads 1", file=sys.stderr)
     if args.memory_worker:
         size_name, case, batch, steps = args.memory_worker
         memory_worker(size_name, case, int(batch), int(steps))
@@ -699,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         size = SIZES[size_name]
         print(f"size {size_name}: {size.label}, batch {args.batch_size or size.batch}")
     print(
-        f"medians of {args.repeats} timed steps after {args.warmup} warm-up steps per case, cases interleaved; "
+        f"medians of {args.repeats} timed steps after {args.warmup} warm-up steps per case, cases interleaved, "
+        f"{'process CPU' if args.clock == 'cpu' else 'wall'} time; "
         f"run took {elapsed:.0f} s"
         + (
             f"; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"

@@ -18,13 +18,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from macrl.pretrain import main
 from macrl.training import trainer as trainer_module
-from macrl.training.trainer import STAGING_DIR, IncompleteCheckpointError, checkpoint_problem
+from macrl.training.trainer import STAGING_DIR, IncompleteCheckpointError, MACRLPretrainer, checkpoint_problem
 
 ARGS = [
     "--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--save-steps", "4",
@@ -126,6 +127,34 @@ def _kill_after_checkpoint(out: Path, steps: int, checkpoint: int, delay: float)
     return True
 
 
+def _logged_steps(out: Path) -> int:
+    """The last step in the run's train_log.jsonl (0 if none yet); a line being written is ignored."""
+    try:
+        lines = (out / "logs" / "train_log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except ValueError:
+            continue
+    return 0
+
+
+def _kill_after_step(out: Path, steps: int, step: int) -> None:
+    """Kill the run as soon as it has logged `step` (so during step + 1): a point in the run, whatever its speed."""
+    assert step > max([int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")] + [0])
+    log = out / "logs" / "train_log.jsonl"
+    launched = time.time_ns()  # until the new run rewrites the log, it may hold steps the killed run logged
+
+    def reached():
+        return log.is_file() and log.stat().st_mtime_ns > launched and _logged_steps(out) >= step
+
+    process = _launch(out, steps)
+    assert _poll(process, reached) is not None, "the run ended before the kill point"
+    _kill(process)
+
+
 def _resume_to_end(out: Path, steps: int) -> None:
     _finish(_launch(out, steps), out)
 
@@ -177,18 +206,18 @@ def reference(tmp_path_factory):
 
 
 def test_kill_9_mid_step_and_mid_checkpoint_write_then_resume_is_bit_identical(tmp_path, reference):
-    steps, rng = 12, random.Random(6)
+    steps, rng = 16, random.Random(6)
     expected = reference(steps)
     out = tmp_path / "run"
     started = time.monotonic()
 
-    # 1. somewhere in the steps after the first checkpoint (a seeded random moment)
-    assert _kill_after_checkpoint(out, steps, checkpoint=4, delay=rng.uniform(0.0, 0.5))
+    # 1. in the middle of a (seeded, random) step after the first checkpoint
+    killed_at = rng.randint(5, 7)
+    _kill_after_step(out, steps, killed_at)
     _assert_visible_checkpoints_complete(out)
-    latest = get_last_checkpoint(out / "checkpoints")
-    assert latest is not None and int(latest.rsplit("-", 1)[1]) >= 4
+    assert get_last_checkpoint(out / "checkpoints") == str(out / "checkpoints" / "checkpoint-4")
 
-    # 2. while a checkpoint is being written (a few tries: the write takes a few tens of milliseconds)
+    # 2. while a checkpoint is being written (a few tries: a write takes milliseconds)
     caught = None
     for _ in range(3):
         result = _kill_during_write(out, steps)
@@ -206,7 +235,7 @@ def test_kill_9_mid_step_and_mid_checkpoint_write_then_resume_is_bit_identical(t
     # 3. resume until done: the same run as if nothing had happened
     _resume_to_end(out, steps)
     _assert_same_run(out, expected)
-    print(f"killed after checkpoint-4 and while writing {caught}; {time.monotonic() - started:.1f} s")
+    print(f"killed during step {killed_at + 1} and while writing {caught}; {time.monotonic() - started:.1f} s")
 
 
 @pytest.mark.slow
@@ -217,27 +246,23 @@ def test_many_random_kills_then_resume_is_bit_identical(tmp_path, reference):
     out = tmp_path / "run"
     plan = []
     # during the first steps, before any checkpoint exists: the run starts again from scratch
-    process = _launch(out, steps)
-    assert _poll(process, (out / "logs" / "train_log.jsonl").is_file) is not None
-    time.sleep(rng.uniform(0.0, 0.3))
-    _kill(process)
-    plan.append("before the first checkpoint")
+    step = rng.randint(1, 3)
+    _kill_after_step(out, steps, step)
+    plan.append(f"during step {step + 1}, before the first checkpoint")
     for _ in range(4):
         done = max([int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")] + [0])
         checkpoint = min(done + 4 * rng.randint(1, 2), steps - 4)
-        # a kill inside the first write leaves nothing to resume from: the run starts over (once is enough)
-        if (rng.random() < 0.5 and (done or not plan[-1].startswith("writing"))) or checkpoint <= done:
+        # never two kills inside writes in a row: the resumed run would only write the same checkpoint again
+        if (rng.random() < 0.6 and not plan[-1].startswith("writing")) or checkpoint <= done:
             result = _kill_during_write(out, steps)
             if result is None:  # no checkpoint left to write: the run finished
                 plan.append("(finished)")
                 break
             plan.append(f"writing {result[0]} ({'in staging' if result[1] else 'just renamed'})")
         else:
-            delay = rng.uniform(0.0, 1.0)
-            if not _kill_after_checkpoint(out, steps, checkpoint, delay):
-                plan.append("(finished)")
-                break
-            plan.append(f"{delay:.2f} s after checkpoint-{checkpoint}")
+            step = checkpoint + rng.randint(0, 3)
+            _kill_after_step(out, steps, step)
+            plan.append(f"during step {step + 1}")
         _assert_visible_checkpoints_complete(out)
     # the last checkpoint is in place but the final export has not happened yet
     assert _kill_after_checkpoint(out, steps, steps, delay=0.0)
@@ -323,6 +348,10 @@ def test_checkpoint_problem_names_each_kind_of_damage(tmp_path, reference):
         shutil.copytree(source, folder)
         damage(folder)
         assert checkpoint_problem(folder).startswith(problem), problem
+        # the trainer itself refuses it too (for code that drives MACRLPretrainer without macrl-pretrain), before
+        # touching anything: the stock Trainer would resume with a fresh optimizer or fail with a bare traceback
+        with pytest.raises(IncompleteCheckpointError, match=f"is not a complete checkpoint \\({problem}"):
+            MACRLPretrainer.train(SimpleNamespace(), resume_from_checkpoint=str(folder))
 
 
 @pytest.mark.parametrize("problem", ["no optimizer.pt", "model.safetensors is truncated", "optimizer.pt is truncated"])
@@ -334,14 +363,10 @@ def test_damaged_complete_looking_checkpoint_is_refused(tmp_path, reference, cap
     folder = out / "checkpoints" / "checkpoint-8"
     shutil.copytree(reference(12) / "checkpoints" / "checkpoint-8", folder)
     DAMAGE[problem](folder)
-    try:
-        code = main([*FAST_IN_PROCESS, "--output-dir", str(out), "--resume"])
-    except IncompleteCheckpointError as error:  # until macrl/pretrain.py turns it into exit code 2 (see docs)
-        message = str(error)
-    else:
-        assert code == 2
-        message = capsys.readouterr().err
-    assert f"{folder} is not a complete checkpoint ({problem}" in message
+    assert main([*FAST_IN_PROCESS, "--output-dir", str(out), "--resume"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"macrl-pretrain: error: --resume: {folder} is not a complete checkpoint ({problem}")
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints" / "checkpoint-12").exists()
 
 
