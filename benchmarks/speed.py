@@ -55,7 +55,7 @@ SIZES: dict[str, Size] = {
     # the default: ViT-Tiny width at 32 px with 4-px patches (8x8 = 64 patches), MAE-style 4-layer decoder
     "vit-t4-32": Size(
         "fmnist",
-        dict(image_size=32, num_channels=3, num_hidden_layers=12, decoder_num_hidden_layers=4),
+        dict(image_size=32, patch_size=4, num_channels=3, num_hidden_layers=12, decoder_num_hidden_layers=4),
         batch=256,
         label="width 192 x 12 layers, 3 heads, patch 4 @ 32 px, decoder 128 x 4",
     ),

@@ -12,10 +12,11 @@ from .configuration_macrl import MACRLConfig
 _SMALL_HEADS = dict(projection_dim=256, projector_hidden_size=1024, predictor_hidden_size=1024)
 
 PRESETS: dict[str, dict] = {
-    # 28x28 grayscale, 7x7 patches of 4 px; width 192 as in ViT-Tiny, shallow enough for a CPU
+    # 28x28 grayscale, 4x4 patches of 7 px; width 192 as in ViT-Tiny, shallow enough for a CPU. Patches of 7 px
+    # (16 tokens) run 2.7x faster than 4 px (49 tokens) and learn as much per minute (README, quality section)
     "fmnist": dict(
         image_size=28,
-        patch_size=4,
+        patch_size=7,
         num_channels=1,
         hidden_size=192,
         num_hidden_layers=6,
@@ -56,6 +57,17 @@ PRESETS: dict[str, dict] = {
     ),
     "vit-base-patch16-224": dict(),  # MACRLConfig's defaults
 }
+
+
+# `macrl-pretrain`'s base learning rate (per 256 images) when --lr is not given. CPU budgets are a few epochs, not
+# MAE's hundreds, so the default is twice MAE's 1.5e-4; the embedded default's value comes from its tuning runs.
+DEFAULT_BASE_LEARNING_RATE = 3e-4
+BASE_LEARNING_RATES: dict[str, float] = {"fmnist": 1.5e-3}
+
+
+def base_learning_rate(config: str) -> float:
+    """The base learning rate `macrl-pretrain --config config` uses without --lr."""
+    return BASE_LEARNING_RATES.get(config, DEFAULT_BASE_LEARNING_RATE)
 
 
 def load_config(name_or_path: str, **overrides) -> MACRLConfig:

@@ -10,6 +10,7 @@ OUTPUT_DIR receives: the full pre-training model (`save_pretrained`: main and mo
 """
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from .hub import HubPushError, push_encoder_to_hub, repo_has_readme
 from .image_processing_macrl import MACRLImageProcessor
 from .model_card import render_model_card, write_model_card
 from .modeling_macrl import MACRLForPreTraining
-from .presets import load_config
+from .presets import base_learning_rate, load_config
 from .training.arguments import PretrainingArguments, build_parser
 from .training.callbacks import (
     DataEpochCallback,
@@ -42,7 +43,7 @@ from .training.callbacks import (
     PushCheckpointCallback,
     TimeBudgetCallback,
 )
-from .training.data import PretrainingData, build_pretraining_data
+from .training.data import PretrainingData, build_augmentation, build_pretraining_data
 from .training.pictures import plot_loss_curves, reconstruction_grid
 from .training.trainer import MACRLPretrainer, checkpoint_problem
 
@@ -126,7 +127,7 @@ def build_training_arguments(args: PretrainingArguments, checkpoint_dir: Path, m
         per_device_train_batch_size=per_device,
         num_train_epochs=args.epochs,
         max_steps=max_steps,
-        learning_rate=args.lr * args.batch_size / 256,
+        learning_rate=(args.lr if args.lr is not None else base_learning_rate(args.config)) * args.batch_size / 256,
         lr_scheduler_type="cosine",
         warmup_steps=args.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=args.weight_decay,
@@ -225,9 +226,13 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         config = load_config(args.config, **args.config_changes())
     except (ValueError, StrictDataclassError) as error:  # JSONDecodeError is a ValueError
         raise PretrainingError(f"--config: {error}") from error
+    try:
+        augmentation = build_augmentation(args, config)
+    except (ValueError, TypeError) as error:  # TypeError: a field given a value of the wrong shape
+        raise PretrainingError(f"--augmentation: {error}") from error
     resume_from = resolve_checkpoint(args, checkpoint_dir, config)
     try:
-        data = build_pretraining_data(args, config)
+        data = build_pretraining_data(args, config, augmentation)
     except (FashionMNISTNotFoundError, FileNotFoundError, NotADirectoryError, UnreadableImageError, ImportError) as error:
         raise PretrainingError(str(error)) from error
     except ValueError as error:
@@ -307,6 +312,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "training_minutes": round(train_output.metrics.get("train_runtime", 0.0) / 60, 2),
         "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
         "stopped_by_time_budget": bool(budget and budget.stopped_early),
+        "augmentation": dataclasses.asdict(data.augmentation),
     }
     evaluation = evaluate_knn(model.macrl, release.processor, data, batch_size=256, device=device) if args.knn_eval else None
     if evaluation:

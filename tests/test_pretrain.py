@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
 from macrl.data import load_fashion_mnist
-from macrl.pretrain import main
+from macrl.pretrain import build_training_arguments, main
+from macrl.presets import load_config
+from macrl.training.arguments import build_parser
 
 # a few seconds per run: the tiny preset on a few dozen Fashion-MNIST images
 FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--eval-images", "40"]
@@ -77,6 +79,20 @@ def test_image_folder_data_and_held_out_classes(tmp_path, image_folder):
     assert results["knn_test_images"] == 6 and results["knn_train_images"] == 58
 
 
+def test_augmentation_flag_changes_the_views(tmp_path):
+    """--augmentation reaches the transforms (recorded in results.json) and a different crop gives different losses."""
+    args = [*FAST, "--max-steps", "2", "--limit-images", "32", "--knn-eval", "false"]
+    assert _run(*args, "--output-dir", tmp_path / "default") == 0
+    changed = '{"strong_crop_scale": [0.9, 1.0], "blur_prob": 0}'
+    assert _run(*args, "--output-dir", tmp_path / "changed", "--augmentation", changed) == 0
+    default = json.loads((tmp_path / "default" / "results.json").read_text())["augmentation"]
+    recorded = json.loads((tmp_path / "changed" / "results.json").read_text())["augmentation"]
+    assert recorded["strong_crop_scale"] == [0.9, 1.0] and recorded["blur_prob"] == 0
+    assert default["strong_crop_scale"] != [0.9, 1.0] and recorded["mean"] == default["mean"]
+    losses = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "logs" / "train_log.jsonl").open()]
+    assert losses("default") != losses("changed")
+
+
 def test_resume_continues_exactly(tmp_path):
     args = [*FAST, "--max-steps", "6", "--save-steps", "3", "--limit-images", "48", "--knn-eval", "false"]
     assert _run(*args, "--output-dir", tmp_path / "full") == 0
@@ -100,6 +116,9 @@ def test_resume_continues_exactly(tmp_path):
         (["--config", "no-such-preset"], "unknown config 'no-such-preset'"),
         (["--config", '{"hidden_size": 30, "num_attention_heads": 4}'], "MACRLConfig.hidden_size=30"),
         (["--resume"], "no checkpoint to resume from"),
+        (["--augmentation", '{"blur_probability": 0}'], "--augmentation: unknown fields ['blur_probability']"),
+        (["--augmentation", '{"blur_prob": 2}'], "--augmentation: blur_prob must be in [0, 1], got 2"),
+        (["--augmentation", "[0.5, 1]"], "--augmentation: must be a JSON object"),
         (["--batch-size", "15"], None),  # fine on one process: a negative control
     ],
 )
@@ -209,3 +228,17 @@ def test_datasets_dataset_as_data(tmp_path):
     assert _run(*FAST, "--data", tmp_path / "fmnist_ds", "--output-dir", out, "--max-steps", "2") == 0
     results = json.loads((out / "results.json").read_text())
     assert results["knn_train_images"] == 40 and results["knn_test_images"] == 40
+
+
+@pytest.mark.parametrize(
+    "flags, learning_rate",
+    [
+        ([], 1.5e-3),  # the embedded default's tuned rate
+        (["--config", "tiny"], 3e-4),  # presets without a tuned rate
+        (["--lr", "1e-3", "--batch-size", "512"], 2e-3),  # --lr wins, scaled by batch / 256
+    ],
+)
+def test_learning_rate_default_follows_the_preset(tmp_path, flags, learning_rate):
+    (args,) = build_parser().parse_args_into_dataclasses(flags)
+    training_args = build_training_arguments(args, tmp_path, max_steps=10, config=load_config(args.config))
+    assert training_args.learning_rate == pytest.approx(learning_rate)
