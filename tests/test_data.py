@@ -388,6 +388,24 @@ def test_hf_columns_by_name_and_undecoded_bytes(tmp_path: Path, hf_datasets):
         HFDatasetSource(tmp_path / "saved", label_column="nope")
 
 
+def test_hf_undecoded_bytes_get_the_image_file_checks(tmp_path: Path, hf_datasets, monkeypatch):
+    """decode=False bytes go through the same decoder as image files: first frame, pixel limit, errors by index."""
+    frames = [Image.new("L", (8, 8), value) for value in (10, 200)]
+    animated, large = io.BytesIO(), io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
+    Image.new("L", (40, 40), 7).save(large, format="PNG")
+    images = [animated.getvalue(), large.getvalue(), b"not an image at all"]
+    table = hf_datasets.Dataset.from_dict({"img": [{"bytes": raw, "path": None} for raw in images]})
+    table.save_to_disk(str(tmp_path / "saved"))
+    source = HFDatasetSource(tmp_path / "saved", mode="L")
+    assert np.asarray(source.load_image(0)).max() == 10  # the first frame, not the last
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 = 1600 pixels: refused before decoding
+    with pytest.raises(UnreadableImageError, match=r"\[1\].*DecompressionBombError.*1600 pixels"):
+        source.load_image(1)
+    with pytest.raises(UnreadableImageError, match=r"\[2\]: UnidentifiedImageError"):
+        source.load_image(2)
+
+
 def test_hf_load_dataset_on_local_image_folder(tmp_path: Path, hf_datasets):
     for kind in ("cat", "dog"):
         _write(tmp_path / "images" / kind / "0.png", _rgb_image())

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from macrl.data.image_folder import UnreadableImageError
+from macrl.data.image_folder import DECODE_ERRORS, UnreadableImageError, decode_image
 from macrl.image_processing_macrl import convert_image_mode
 
 _IMAGE_COLUMN_NAMES = ("image", "img")
@@ -154,22 +154,16 @@ class HFDatasetSource:
     def load_image(self, index: int) -> Image.Image:
         try:
             value = self._images[index][self.image_column]
-            if isinstance(value, dict):  # an Image feature with decode=False
+            if isinstance(value, dict):  # an Image feature with decode=False: the same checks as image files
                 raw = value.get("bytes")
-                with Image.open(io.BytesIO(raw) if raw else value["path"]) as image:
-                    image.load()
-                    converted = convert_image_mode(image, self.mode)
-                    # Older Pillow invalidates an image on close: never return `image` itself.
-                    return converted.copy() if converted is image else converted
+                return decode_image(io.BytesIO(raw) if raw else value["path"], self.mode)
             if not isinstance(value, Image.Image):
                 raise TypeError(
                     f"column {self.image_column!r} holds {type(value).__name__}, not an image"
                 )
             value.load()
             return convert_image_mode(value, self.mode)
-        except (
-            OSError, SyntaxError, ValueError, EOFError, TypeError, Image.DecompressionBombError
-        ) as e:
+        except (*DECODE_ERRORS, TypeError) as e:
             raise UnreadableImageError(
                 f"Cannot read image {self.describe(index)}: {type(e).__name__}: {e}"
             ) from e

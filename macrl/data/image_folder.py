@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import IO
 
 from PIL import Image, ImageOps
 
@@ -21,7 +22,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 # Everything PIL raises for an undecodable file: UnidentifiedImageError and
 # "image file is truncated" are OSErrors, broken PNG chunks raise SyntaxError,
 # some plugins raise ValueError / EOFError / struct.error (a ValueError-like).
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, SyntaxError, ValueError, EOFError, IndexError, Image.DecompressionBombError,
 )
 
@@ -40,20 +41,25 @@ def open_image(path: str | Path, mode: str) -> Image.Image:
             decompression-bomb limit; the original exception is chained.
     """
     try:
-        with Image.open(path) as image:
-            # Image.open only warns between MAX_IMAGE_PIXELS and twice that, and load() then decodes the lot (a
-            # small file can hold gigabytes of pixels): refuse from the limit on, before anything is decoded.
-            _check_pixel_count(image)
-            image.seek(0)  # animated GIF/WebP/TIFF: train on the first frame
-            image.load()
-            # Phone photos store rotation in EXIF; ignoring it trains on sideways images.
-            # exif_transpose returns a copy, which stays valid after the file is closed.
-            image = ImageOps.exif_transpose(image)
-            return convert_image_mode(image, mode)
-    except _DECODE_ERRORS as e:
+        return decode_image(path, mode)
+    except DECODE_ERRORS as e:
         raise UnreadableImageError(
             f"Cannot read image {path}: {type(e).__name__}: {e}"
         ) from e
+
+
+def decode_image(file: str | Path | IO[bytes], mode: str) -> Image.Image:
+    """`open_image` for a path or a binary file object, raising the decoder's own errors (`DECODE_ERRORS`)."""
+    with Image.open(file) as image:
+        # Image.open only warns between MAX_IMAGE_PIXELS and twice that, and load() then decodes the lot (a
+        # small file can hold gigabytes of pixels): refuse from the limit on, before anything is decoded.
+        _check_pixel_count(image)
+        image.seek(0)  # animated GIF/WebP/TIFF: train on the first frame
+        image.load()
+        # Phone photos store rotation in EXIF; ignoring it trains on sideways images.
+        # exif_transpose returns a copy, which stays valid after the file is closed.
+        image = ImageOps.exif_transpose(image)
+        return convert_image_mode(image, mode)
 
 
 def _check_pixel_count(image: Image.Image) -> None:
