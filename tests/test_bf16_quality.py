@@ -102,7 +102,7 @@ def test_bf16_knn_accuracy_matches_fp32(fashion_split, pretrained_features):
     assert abs(accuracy_bf16 - accuracy_fp32) <= 0.2 + 1e-3, (accuracy_fp32, accuracy_bf16)
 
 
-@pytest.mark.slow  # minutes on 2 cores: every case of the table, each memory figure in its own process
+# about 15 s on 2 cores: every case of the table at tiny sizes, each memory figure in its own process
 def test_speed_benchmark_quick_prints_the_table():
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick"],
