@@ -12,8 +12,8 @@ from .configuration_macrl import MACRLConfig
 _SMALL_HEADS = dict(projection_dim=256, projector_hidden_size=1024, predictor_hidden_size=1024)
 
 PRESETS: dict[str, dict] = {
-    # 28x28 grayscale, 4x4 patches of 7 px; width 192 as in ViT-Tiny, shallow enough for a CPU. Patches of 7 px
-    # (16 tokens) run 2.7x faster than 4 px (49 tokens) and learn as much per minute (README, quality section)
+    # 28x28 grayscale, 4x4 patches of 7 px; width 192 as in ViT-Tiny, shallow enough for a CPU. A step on 16 tokens
+    # is 2.7x faster than on 49 (4-px patches), which buys epochs on a CPU budget (README, quality section)
     "fmnist": dict(
         image_size=28,
         patch_size=7,

@@ -141,9 +141,14 @@ def _logged_steps(out: Path) -> int:
     return 0
 
 
+def _latest_checkpoint_step(out: Path) -> int:
+    """The step of the newest visible checkpoint (0 if none)."""
+    return max([int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")] + [0])
+
+
 def _kill_after_step(out: Path, steps: int, step: int) -> None:
     """Kill the run as soon as it has logged `step` (so during step + 1): a point in the run, whatever its speed."""
-    assert step > max([int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")] + [0])
+    assert step > _latest_checkpoint_step(out)
     log = out / "logs" / "train_log.jsonl"
     launched = time.time_ns()  # until the new run rewrites the log, it may hold steps the killed run logged
 
@@ -250,7 +255,7 @@ def test_many_random_kills_then_resume_is_bit_identical(tmp_path, reference):
     _kill_after_step(out, steps, step)
     plan.append(f"during step {step + 1}, before the first checkpoint")
     for _ in range(4):
-        done = max([int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")] + [0])
+        done = _latest_checkpoint_step(out)
         checkpoint = min(done + 4 * rng.randint(1, 2), steps - 4)
         # never two kills inside writes in a row: the resumed run would only write the same checkpoint again
         if (rng.random() < 0.6 and not plan[-1].startswith("writing")) or checkpoint <= done:
