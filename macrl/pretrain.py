@@ -95,7 +95,9 @@ def fit_steps_to_budget(
     probe = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-6)
     per_process = args.batch_size // _world_size()
-    loader = torch.utils.data.DataLoader(data.train, batch_size=per_process, shuffle=True, num_workers=args.num_workers)
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_size=per_process, shuffle=True, num_workers=args.num_workers, collate_fn=data.collator
+    )
     batches = iter(loader)
     durations = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -291,6 +293,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         model=model,
         args=training_args,
         train_dataset=data.train,
+        data_collator=data.collator,
         callbacks=callbacks,
         global_batch_size=args.batch_size,
     )

@@ -6,7 +6,8 @@ Sources (all implement ``ImageSource``):
     ``HFDatasetSource``     a Hugging Face ``datasets`` dataset (optional dependency,
                             imported only when used).
 
-Datasets: ``TwoViewDataset`` (pre-training) and ``EvalDataset``.
+Datasets: ``TwoViewDataset`` (pre-training, per-image views), ``BatchedTwoViewDataset`` + ``TwoViewCollator``
+(pre-training, views per batch, for images of one size) and ``EvalDataset``.
 """
 
 from macrl.data.augmentations import (
@@ -15,6 +16,8 @@ from macrl.data.augmentations import (
     build_strong_transform,
     build_weak_transform,
 )
+from macrl.data.batch_augmentations import BatchAugmentation
+from macrl.data.batched_two_view_dataset import BatchedTwoViewDataset, TwoViewCollator
 from macrl.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -36,6 +39,8 @@ from macrl.data.two_view_dataset import EvalDataset, TwoViewDataset, derive_samp
 
 __all__ = [
     "AugmentationConfig",
+    "BatchAugmentation",
+    "BatchedTwoViewDataset",
     "EvalDataset",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
@@ -47,6 +52,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderSource",
     "ImageSource",
+    "TwoViewCollator",
     "TwoViewDataset",
     "UnreadableImageError",
     "build_eval_transform",

@@ -65,6 +65,9 @@ class AugmentationConfig:
             whole image to ``image_size`` square; ``None`` = centre-crop only when
             ``image_size >= 64``.
         eval_crop_ratio: fraction kept by the eval centre crop (0.875, as MAE).
+        batched: compute the two pre-training views per batch (``batch_augmentations.py``) instead of per image;
+            ``None`` = batched when every image of the source has one known size (Fashion-MNIST), which is
+            several times cheaper for small images.
     """
 
     image_size: int = 224
@@ -83,6 +86,7 @@ class AugmentationConfig:
     solarize_prob: float = 0.2
     eval_center_crop: bool | None = None
     eval_crop_ratio: float = 0.875
+    batched: bool | None = None
 
     def __post_init__(self) -> None:
         if self.num_channels not in (1, 3):

@@ -169,6 +169,7 @@ class FashionMNISTSource:
         self.name = f"fashion-mnist/{split}"
         self.labels: list[int] | None = labels.tolist()
         self.class_names: list[str] | None = list(FASHION_MNIST_CLASSES)
+        self.image_size: tuple[int, int] | None = tuple(self._images.shape[1:])
 
     def __len__(self) -> int:
         return len(self._images)

@@ -132,6 +132,7 @@ class HFDatasetSource:
 
         self.labels: list[int] | None = None
         self.class_names: list[str] | None = None
+        self.image_size: tuple[int, int] | None = None  # rows may differ; known only after decoding each
         if label_column is not None:
             label_feature = features[label_column]
             if isinstance(label_feature, datasets.ClassLabel):

@@ -133,6 +133,7 @@ class ImageFolderSource:
 
         relative_parts = [p.relative_to(self.root).parts for p in self.paths]
         self.class_names: list[str] | None = None
+        self.image_size: tuple[int, int] | None = None  # files may differ; known only after decoding each
         self.labels: list[int] | None = None
         if all(len(parts) >= 2 for parts in relative_parts):
             # Classes come from all scanned files, before validate() drops any, so

@@ -20,11 +20,14 @@ class ImageSource(Protocol):
         name: short human-readable identifier (used in logs and model cards).
         labels: one integer class index per image, or ``None`` when unlabelled.
         class_names: names for the class indices in ``labels``, or ``None``.
+        image_size: ``(height, width)`` shared by every image, or ``None`` when sizes vary or are unknown before
+            decoding (a known size lets pre-training augment whole batches at once).
     """
 
     name: str
     labels: list[int] | None
     class_names: list[str] | None
+    image_size: tuple[int, int] | None
 
     def __len__(self) -> int:
         """Number of images."""

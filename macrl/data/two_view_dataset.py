@@ -97,18 +97,17 @@ class TwoViewDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         augmentation_seed, noise_seed = derive_sample_seeds(self.seed, self.epoch, index)
-        image = self.source.load_image(index)
+        noise_generator = torch.Generator().manual_seed(noise_seed)
+        noise = torch.rand(self.num_patches, generator=noise_generator, dtype=torch.float32)
+        return {**self.views(self.source.load_image(index), augmentation_seed), "noise": noise}
+
+    def views(self, image: Image.Image, augmentation_seed: int) -> dict[str, torch.Tensor]:
+        """``pixel_values`` (strong view) and ``momentum_pixel_values`` (weak view) of one image."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(augmentation_seed)
             strong_view = self.strong(image)
             weak_view = self.weak(image)
-        noise_generator = torch.Generator().manual_seed(noise_seed)
-        noise = torch.rand(self.num_patches, generator=noise_generator, dtype=torch.float32)
-        return {
-            "pixel_values": strong_view,
-            "momentum_pixel_values": weak_view,
-            "noise": noise,
-        }
+        return {"pixel_values": strong_view, "momentum_pixel_values": weak_view}
 
 
 class EvalDataset(Dataset):

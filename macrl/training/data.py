@@ -14,7 +14,9 @@ from ..data import (
     FashionMNISTSource,
     HFDatasetSource,
     ImageFolderSource,
+    BatchedTwoViewDataset,
     ImageSource,
+    TwoViewCollator,
     TwoViewDataset,
     build_strong_transform,
     build_weak_transform,
@@ -35,6 +37,7 @@ class SubsetSource:
         self.indices = list(indices)
         self.name = name
         self.class_names = source.class_names
+        self.image_size = source.image_size
         self.labels = None if source.labels is None else [source.labels[i] for i in self.indices]
 
     def __len__(self) -> int:
@@ -52,6 +55,7 @@ class PretrainingData:
     """The training dataset and the held-out images of a run."""
 
     train: TwoViewDataset
+    collator: TwoViewCollator | None  # the DataLoader's collate_fn; None: the default one
     train_source: ImageSource
     eval_source: ImageSource | None  # labelled held-out images (kNN test set, reconstruction pictures)
     augmentation: AugmentationConfig
@@ -112,11 +116,19 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
         train_source = SubsetSource(train_source, range(min(args.limit_images, len(train_source))), train_source.name)
     if eval_source is not None and len(eval_source) > args.eval_images:
         eval_source = SubsetSource(eval_source, range(args.eval_images), eval_source.name)
-    train = TwoViewDataset(
-        train_source,
-        build_strong_transform(augmentation),
-        build_weak_transform(augmentation),
-        num_patches=config.num_patches,
-        seed=args.seed,
-    )
-    return PretrainingData(train, train_source, eval_source, augmentation, dataset_name, skipped)
+    batched = augmentation.batched
+    if batched is None:
+        batched = train_source.image_size is not None
+    elif batched and train_source.image_size is None:
+        raise ValueError(
+            f"the images of {train_source.name} may differ in size, so they cannot be augmented in batches "
+            '(--augmentation {"batched": true}); leave "batched" unset'
+        )
+    if batched:
+        train = BatchedTwoViewDataset(train_source, augmentation, num_patches=config.num_patches, seed=args.seed)
+        collator = TwoViewCollator(augmentation)
+    else:
+        strong, weak = build_strong_transform(augmentation), build_weak_transform(augmentation)
+        train = TwoViewDataset(train_source, strong, weak, num_patches=config.num_patches, seed=args.seed)
+        collator = None
+    return PretrainingData(train, collator, train_source, eval_source, augmentation, dataset_name, skipped)
