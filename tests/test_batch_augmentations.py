@@ -168,6 +168,7 @@ def test_pretraining_data_batches_fashion_mnist_and_not_folders(tmp_path: Path):
     config = load_config("tiny")
     fashion = build_pretraining_data(_args(), config, build_augmentation(_args(), config))
     assert isinstance(fashion.train, BatchedTwoViewDataset) and isinstance(fashion.collator, TwoViewCollator)
+    assert fashion.augmentation.batched is True  # resolved, for results.json
     batch = fashion.collator([fashion.train[i] for i in range(4)])
     assert batch["pixel_values"].shape == (4, 1, 28, 28) and batch["noise"].shape == (4, config.num_patches)
 
@@ -179,7 +180,7 @@ def test_pretraining_data_batches_fashion_mnist_and_not_folders(tmp_path: Path):
         Image.new("L", (28 + index, 28), index * 20).save(tmp_path / f"{index}.png")
     folder = _args(data=str(tmp_path), knn_eval=False)
     data = build_pretraining_data(folder, config, build_augmentation(folder, config))
-    assert type(data.train) is TwoViewDataset and data.collator is None
+    assert type(data.train) is TwoViewDataset and data.collator is None and data.augmentation.batched is False
     forced = _args(data=str(tmp_path), knn_eval=False, augmentation='{"batched": true}')
     with pytest.raises(ValueError, match="may differ in size"):
         build_pretraining_data(forced, config, build_augmentation(forced, config))

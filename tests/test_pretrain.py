@@ -89,6 +89,7 @@ def test_augmentation_flag_changes_the_views(tmp_path):
     recorded = json.loads((tmp_path / "changed" / "results.json").read_text())["augmentation"]
     assert recorded["strong_crop_scale"] == [0.9, 1.0] and recorded["blur_prob"] == 0
     assert default["strong_crop_scale"] != [0.9, 1.0] and recorded["mean"] == default["mean"]
+    assert default["batched"] is True  # Fashion-MNIST's images share one size: augmented per batch
     losses = lambda run: [json.loads(line)["loss"] for line in (tmp_path / run / "logs" / "train_log.jsonl").open()]
     assert losses("default") != losses("changed")
 

@@ -12,7 +12,8 @@ so the momentum encoder's target summarises most of the image.
 All transforms run on uint8 ``tv_tensors.Image`` (after ``ToImage``) and end with
 ``ToDtype(float32, scale=True)`` + ``Normalize``: output is float32 ``[C, H, W]``.
 Randomness comes only from the global torch RNG (torchvision v2 semantics), which
-``TwoViewDataset`` seeds per sample.
+``TwoViewDataset`` seeds per sample. ``batch_augmentations.py`` computes the same two
+views for a whole batch of equal-size images at once.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """What `macrl-pretrain` trains and evaluates on, from its `--data` argument."""
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,7 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
             f"the images of {train_source.name} may differ in size, so they cannot be augmented in batches "
             '(--augmentation {"batched": true}); leave "batched" unset'
         )
+    augmentation = dataclasses.replace(augmentation, batched=batched)  # results.json records what ran
     if batched:
         train = BatchedTwoViewDataset(train_source, augmentation, num_patches=config.num_patches, seed=args.seed)
         collator = TwoViewCollator(augmentation)
