@@ -145,7 +145,7 @@ def test_wrong_channels_and_mixed_sizes_are_named():
 def test_batched_dataset_is_seeded_per_sample_whatever_the_workers():
     source = FashionMNISTSource("test")
     cfg = AugmentationConfig(image_size=28, num_channels=1)
-    dataset = BatchedTwoViewDataset(source, cfg, num_patches=16, seed=3)
+    dataset = BatchedTwoViewDataset(source, num_patches=16, seed=3)
     collate = TwoViewCollator(cfg)
     in_process = list(DataLoader(dataset, sampler=list(range(12)), batch_size=4, collate_fn=collate))
     workers = list(DataLoader(dataset, sampler=list(range(12)), batch_size=4, collate_fn=collate, num_workers=2))

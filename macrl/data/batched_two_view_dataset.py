@@ -32,10 +32,9 @@ class BatchedTwoViewDataset(TwoViewDataset):
     the same size.
     """
 
-    def __init__(self, source: ImageSource, augmentation: AugmentationConfig, num_patches: int, seed: int = 0):
-        collator = TwoViewCollator(augmentation)
-        super().__init__(source, collator.strong, collator.weak, num_patches=num_patches, seed=seed)
-        self.augmentation = augmentation
+    def __init__(self, source: ImageSource, num_patches: int, seed: int = 0):
+        # no per-image transforms: the views are made from the raw images by TwoViewCollator
+        super().__init__(source, strong=None, weak=None, num_patches=num_patches, seed=seed)
 
     def views(self, image: Image.Image, augmentation_seed: int) -> dict[str, torch.Tensor]:
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W] or [H, W, C]

@@ -53,8 +53,8 @@ class TwoViewDataset(Dataset):
 
     Args:
         source: the images.
-        strong: transform for the masked (online) encoder's view.
-        weak: transform for the momentum encoder's view.
+        strong: transform for the masked (online) encoder's view (``None`` in a subclass that makes views elsewhere).
+        weak: transform for the momentum encoder's view (idem).
         num_patches: length of the noise vector (patches per image).
         seed: base seed of the run (>= 0).
     """
@@ -62,8 +62,8 @@ class TwoViewDataset(Dataset):
     def __init__(
         self,
         source: ImageSource,
-        strong: Transform,
-        weak: Transform,
+        strong: Transform | None,
+        weak: Transform | None,
         num_patches: int,
         seed: int = 0,
     ) -> None:

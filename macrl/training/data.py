@@ -127,7 +127,7 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
         )
     augmentation = dataclasses.replace(augmentation, batched=batched)  # results.json records what ran
     if batched:
-        train = BatchedTwoViewDataset(train_source, augmentation, num_patches=config.num_patches, seed=args.seed)
+        train = BatchedTwoViewDataset(train_source, num_patches=config.num_patches, seed=args.seed)
         collator = TwoViewCollator(augmentation)
     else:
         strong, weak = build_strong_transform(augmentation), build_weak_transform(augmentation)
