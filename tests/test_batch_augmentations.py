@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -31,7 +31,7 @@ _NO_PHOTOMETRIC = dict(color_jitter_strength=0.0, grayscale_prob=0.0, blur_prob=
 def fashion_images() -> torch.Tensor:
     """64 real Fashion-MNIST test images as a uint8 batch [64, 1, 28, 28]."""
     source = FashionMNISTSource("test")
-    return torch.stack([torch.from_numpy(__import__("numpy").array(source.load_image(i))) for i in range(64)])[:, None]
+    return torch.stack([torch.from_numpy(np.array(source.load_image(i))) for i in range(64)])[:, None]
 
 
 def _uniforms(batch: int, seed: int = 0) -> torch.Tensor:
@@ -184,4 +184,4 @@ def test_pretraining_data_batches_fashion_mnist_and_not_folders(tmp_path: Path):
     forced = _args(data=str(tmp_path), knn_eval=False, augmentation='{"batched": true}')
     with pytest.raises(ValueError, match="may differ in size"):
         build_pretraining_data(forced, config, build_augmentation(forced, config))
-    assert math.isclose(len(data.train), 12)
+    assert len(data.train) == 12

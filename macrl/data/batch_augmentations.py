@@ -38,6 +38,7 @@ NUM_UNIFORMS = _SOLARIZE + 1
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 _LUMA = (0.299, 0.587, 0.114)
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)  # once at import, not per batch
 
 
 def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -112,8 +113,7 @@ def _rotate_hue(images: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2] = cos, -sin
     rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
-    to_yiq = _RGB_TO_YIQ.to(images.dtype)
-    transform = torch.linalg.inv(to_yiq) @ rotation @ to_yiq  # [B, 3, 3] in RGB
+    transform = _YIQ_TO_RGB.to(images.dtype) @ rotation @ _RGB_TO_YIQ.to(images.dtype)  # [B, 3, 3] in RGB
     return torch.einsum("bij,bjhw->bihw", transform, images).clamp(0, 1)
 
 
