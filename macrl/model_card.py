@@ -3,14 +3,17 @@
 The front matter is built with `huggingface_hub.ModelCardData`, so the Hub reads the library, pipeline tag, tags,
 datasets and (when results are given) a `model-index` with the kNN / linear-probe accuracies. The body describes the
 encoder from its `MACRLConfig`, the training run and evaluation the caller passes, and shows code that loads it with
-`macrl`, with `trust_remote_code=True`, as a pipeline and in timm.
+`macrl`, with `trust_remote_code=True`, as a pipeline and in timm. `update_model_card` (`macrl-eval --update-card`)
+re-renders an existing card with new results, keeping what the config does not say (repo id, training rows).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -276,4 +279,80 @@ def write_model_card(folder: str | Path, text: str, overwrite: bool = False) -> 
     return True
 
 
-__all__ = ["render_model_card", "write_model_card", "encoder_parameter_count", "timm_model_kwargs"]
+def _existing_card_facts(folder: Path) -> dict[str, Any]:
+    """What a card written by ``render_model_card`` says that the config does not: repo id, training rows,
+    Hub datasets, license. Best effort: an unreadable or hand-written card gives what can be found."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        card = ModelCard.load(readme)
+    except Exception:  # noqa: BLE001 - any broken card is simply replaced
+        return {}
+    facts: dict[str, Any] = {}
+    if card.data.license:
+        facts["license"] = card.data.license
+    if card.data.datasets:
+        facts["datasets"] = list(card.data.datasets)
+    repo = re.search(r'from_pretrained\("([^"]+)"', card.text)
+    if repo and repo.group(1) != PLACEHOLDER_REPO_ID:
+        facts["repo_id"] = repo.group(1)
+    section = re.search(r"^## Training procedure\s*$(.*?)(?=^## )", card.text, re.M | re.S)
+    if section:
+        keys = {}
+        for key, label in TRAINING_LABELS.items():
+            keys.setdefault(label, key)  # "Learning rate" -> learning_rate
+        training = {}
+        for label, value in re.findall(r"^\| (.+?) \| (.+?) \|\s*$", section.group(1), re.M):
+            if label != "Setting":
+                training[keys.get(label, label.lower().replace(" ", "_"))] = value
+        if training:
+            facts["training"] = training
+    return facts
+
+
+def card_evaluation(results: Mapping[str, Any], dataset: Mapping[str, str], pool: str) -> dict[str, Any] | None:
+    """The ``evaluation`` argument of ``render_model_card``: the frozen-feature accuracies of ``pool`` (else of the
+    first pool evaluated) as fractions, as ``macrl-pretrain`` writes them, and the number of test images.
+
+    The fine-tuning accuracy is left out: the card presents its results as frozen-feature ones."""
+    used = pool if any(key.endswith(f"_{pool}") for key in results) else (results.get("pools") or [pool])[0]
+    metrics: dict[str, Any] = {}
+    for key in ("knn_accuracy", "linear_probe_accuracy"):
+        if f"{key}_{used}" in results:
+            metrics[key] = round(results[f"{key}_{used}"] / 100, 4)
+    if not metrics:
+        return None
+    if "test_images" in results:
+        metrics["test_images"] = results["test_images"]
+    metrics["pooling"] = used
+    return {**dataset, "metrics": metrics}
+
+
+def update_model_card(folder: str | Path, config, evaluation: Mapping[str, Any]) -> Path:
+    """Rewrite ``folder/README.md`` with a fresh card carrying ``evaluation`` in its ``model-index``.
+
+    Facts of the existing card that the config does not hold (repo id, training rows, datasets, license) are kept.
+    """
+    folder = Path(folder)
+    facts = _existing_card_facts(folder)
+    text = render_model_card(
+        config,
+        repo_id=facts.get("repo_id"),
+        training=facts.get("training"),
+        evaluation=dict(evaluation),
+        license=facts.get("license", "apache-2.0"),
+        datasets=facts.get("datasets"),
+    )
+    write_model_card(folder, text, overwrite=True)
+    return folder / "README.md"
+
+
+__all__ = [
+    "render_model_card",
+    "write_model_card",
+    "update_model_card",
+    "card_evaluation",
+    "encoder_parameter_count",
+    "timm_model_kwargs",
+]
