@@ -27,6 +27,7 @@ from macrl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSource
 from macrl.evaluation.knn import knn_accuracy
 from macrl.evaluation.linear_probe import linear_probe
 from macrl.extract import extract_features
+from macrl.precision import cpu_runs_bf16_fast
 from macrl.presets import load_config
 
 # the three objectives on the same encoder: only the loss weights (and MoCo v3's symmetric, unmasked views) differ
@@ -62,7 +63,7 @@ def _probe_and_knn(train_x, train_y, test_x, test_y, seed: int) -> dict:
     return {"knn": round(knn, 2), "linear": round(probe.accuracy, 2)}
 
 
-def evaluate_encoder(encoder_dir: Path | None, config_name: str, seed: int) -> dict:
+def evaluate_encoder(encoder_dir: Path | None, config_name: str, seed: int, dtype: str) -> dict:
     """kNN and linear probe of the CLS and mean-pooled features (a random-init encoder when `encoder_dir` is None)."""
     if encoder_dir is None:
         torch.manual_seed(seed)
@@ -77,8 +78,8 @@ def evaluate_encoder(encoder_dir: Path | None, config_name: str, seed: int) -> d
     train, test = FashionMNISTSource("train"), FashionMNISTSource("test")
     scores = {}
     for pool in ("cls", "mean"):
-        train_f = extract_features(model, processor, train, pool=pool, batch_size=512, dtype="bf16", progress=False)
-        test_f = extract_features(model, processor, test, pool=pool, batch_size=512, dtype="bf16", progress=False)
+        train_f = extract_features(model, processor, train, pool=pool, batch_size=512, dtype=dtype, progress=False)
+        test_f = extract_features(model, processor, test, pool=pool, batch_size=512, dtype=dtype, progress=False)
         for name, value in _probe_and_knn(train_f.features, train_f.labels, test_f.features, test_f.labels, seed).items():
             scores[f"{name}_{pool}"] = value
     return scores
@@ -144,11 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         "macrl=1.03 mae=0.68 mocov3=2.89, bf16, batch 256, measured with benchmarks/speed.py), so that other load "
         "on the machine slows a run down but does not change its result. Default: fit to the clock.",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="Pretraining and extraction precision; auto: bf16 where the CPU has bf16 kernels (AVX512, AMX), else "
+        "fp32 (bf16 is ~17x slower than fp32 on AVX2). The README's tables say which they used.",
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further macrl-pretrain flags.")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     root = Path(args.output_dir)
-    extra = ["--config", args.config, "--bf16", *args.extra]
+    precision = args.precision if args.precision != "auto" else "bf16" if cpu_runs_bf16_fast() else "fp32"
+    print(f"precision: {precision}", flush=True)
+    extra = ["--config", args.config, *(["--bf16"] if precision == "bf16" else []), *args.extra]
     step_seconds = {name: float(value) for name, value in (item.split("=") for item in args.step_seconds)}
     rows: dict[str, list[dict]] = {}
     # seeds outermost: a benchmark cut short still has every method once
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             run_dir = root / f"{method}-{args.minutes:g}min-seed{seed}"
             train = run_pretraining(method, seed, args.minutes, run_dir, extra, step_seconds.get(method))
-            scores = cached(run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed))
+            scores = cached(run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed, precision))
             rows.setdefault(method, []).append(
                 {**scores, "training_minutes": train["training_minutes"], "images_per_second": train["images_per_second"]}
             )
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_floors:
         for seed in args.seeds:
             rows.setdefault("random-init encoder", []).append(
-                cached(root / f"random-init-seed{seed}.json", lambda: evaluate_encoder(None, args.config, seed))
+                cached(root / f"random-init-seed{seed}.json", lambda: evaluate_encoder(None, args.config, seed, precision))
             )
         rows["raw pixels"] = [cached(root / "raw-pixels.json", lambda: evaluate_raw_pixels(0))]
     table = summarise(rows, args.minutes)

@@ -63,6 +63,7 @@ from .extract import (
 )
 from .model_card import card_evaluation, update_model_card
 from .modeling_macrl import MACRLModel
+from .precision import slow_bf16_warning
 from .training.data import SubsetSource
 
 __all__ = [
@@ -616,6 +617,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total_started = time.perf_counter()
     _check_args(args)
     device = resolve_device(args.device)
+    if args.dtype == "bf16" and (warning := slow_bf16_warning(device, "--dtype bf16")):
+        print(f"macrl-eval: warning: {warning}", file=sys.stderr)
     show_progress = not args.no_progress and sys.stderr.isatty()
     with _transformers_progress_bars(show_progress), _renamed_warnings():
         model, processor = load_model_and_processor(args.model, args.revision)

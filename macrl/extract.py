@@ -47,6 +47,7 @@ from macrl.data import HFDatasetSource, ImageFolderSource, ImageSource, Unreadab
 from macrl.data.hf_datasets import _is_saved_dataset
 from macrl.image_processing_macrl import MACRLImageProcessor
 from macrl.modeling_macrl import MACRLModel
+from macrl.precision import slow_bf16_warning
 
 __all__ = ["ExtractionResult", "extract_features", "load_model_and_processor", "save_features", "main"]
 
@@ -551,6 +552,8 @@ def run(args: argparse.Namespace) -> ExtractionResult:
     """The CLI's work once the flags are parsed; raises ``ExtractError`` / ``UnreadableImageError``."""
     output = check_output_path(args.output)  # fail before the slow part
     device = resolve_device(args.device)
+    if args.dtype == "bf16" and (warning := slow_bf16_warning(device, "--dtype bf16")):
+        print(f"macrl-extract: warning: {warning}", file=sys.stderr)
     show_progress = not args.no_progress and sys.stderr.isatty()
     with _transformers_progress_bars(show_progress):
         model, processor = load_model_and_processor(args.model, args.revision)

@@ -34,6 +34,7 @@ from .hub import HubPushError, push_encoder_to_hub, repo_has_readme
 from .image_processing_macrl import MACRLImageProcessor
 from .model_card import render_model_card, write_model_card
 from .modeling_macrl import MACRLForPreTraining
+from .precision import slow_bf16_warning
 from .presets import base_learning_rate, load_config
 from .training.arguments import PretrainingArguments, build_parser
 from .training.callbacks import (
@@ -247,6 +248,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     set_seed(args.seed)
     model = MACRLForPreTraining(config)
     device = torch.device("cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda")
+    if args.bf16 and (warning := slow_bf16_warning(device, "--bf16")):
+        print(f"macrl-pretrain: warning: {warning}", file=sys.stderr)
     max_steps = args.max_steps
     if max_steps <= 0 and args.max_minutes is not None:
         if resume_from is not None:

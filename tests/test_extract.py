@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from macrl import MACRLConfig, MACRLImageProcessor, MACRLModel
 from macrl.data import ImageFolderSource, load_fashion_mnist
 from macrl.extract import ExtractionResult, extract_features, main
+from macrl.precision import cpu_runs_bf16_fast
 
 CLASSES = ["Trouser", "T-shirt_top", "Pullover"]  # folder names; sorted -> Pullover, T-shirt_top, Trouser
 PER_CLASS = 4
@@ -181,6 +182,8 @@ def test_bf16_features_are_close_to_fp32(model_folder, image_folder, reference, 
     print(f"bf16 vs fp32 cosine similarity: min {cosine.min():.5f}, mean {cosine.mean():.5f}")
     assert cosine.min() >= 0.99
     assert not torch.equal(features, pooler_output)  # autocast really ran in bf16
+    # on a CPU without bf16 kernels (AVX2, like CI's) the run says it is the slow choice
+    assert ("macrl-extract: warning: --dtype bf16: this CPU" in err) == (not cpu_runs_bf16_fast()), err
 
 
 def test_hf_dataset_ids_are_indices(model_folder, tmp_path, capsys):

@@ -1,0 +1,28 @@
+"""Whether bfloat16 autocast pays off on the CPU it would run on.
+
+bf16 autocast on a CPU is fast only where oneDNN has bfloat16 kernels (AVX512 and AMX cores). On an AVX2-only CPU
+torch falls back to a slow generic kernel: on this project's AVX2 machine a [4352, 192] x [192, 768] product took
+123 ms in bf16 against 9 ms in fp32, and an `fmnist` pre-training step 11.5 s against 0.68 s. The commands that
+take --bf16 / --dtype bf16 say so instead of silently running 17x slower.
+"""
+
+import torch
+
+__all__ = ["cpu_runs_bf16_fast", "slow_bf16_warning"]
+
+
+def cpu_runs_bf16_fast() -> bool:
+    """True when oneDNN has native bfloat16 kernels for this CPU (AVX512 bw+vl+dq, or Arm bf16); True when torch cannot tell."""
+    # torch's own test for its oneDNN bf16 paths (what the mkldnn bf16 tests skip on); no public API asks this
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if check is None else bool(check())
+
+
+def slow_bf16_warning(device: str | torch.device, flag: str) -> str | None:
+    """A one-line warning when `flag` (e.g. `--bf16`) asks for bf16 on a CPU without bf16 kernels, else None."""
+    if torch.device(device).type != "cpu" or cpu_runs_bf16_fast():
+        return None
+    return (
+        f"{flag}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 kernels, so bf16 runs many "
+        "times slower than fp32 here (about 17x for an fmnist pre-training step on AVX2); leave it out"
+    )
