@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .command_line import first_line, run_command
 from .data import (
     FashionMNISTNotFoundError,
     FashionMNISTSource,
@@ -411,15 +412,10 @@ def load_eval_sources(
         raise
     except (OSError, ValueError, ImportError, KeyError) as e:  # FashionMNISTNotFoundError is an OSError
         where = "Fashion-MNIST" if data is None else f"--data {data}"
-        raise EvaluateError(f"{where}: {_first_line(e)}") from e
+        raise EvaluateError(f"{where}: {first_line(e)}") from e
 
 
 # --------------------------------------------------------------------------- output
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -662,7 +658,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except UnreadableImageError:
             raise
         except ValueError as e:
-            raise EvaluateError(_first_line(e)) from e
+            raise EvaluateError(first_line(e)) from e
     if args.finetune_epochs > 0 or args.finetune_max_steps:
         from .evaluation.finetune import finetune
 
@@ -679,7 +675,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except UnreadableImageError:
             raise
         except ValueError as e:
-            raise EvaluateError(f"fine-tuning: {_first_line(e)}") from e
+            raise EvaluateError(f"fine-tuning: {first_line(e)}") from e
         results.update(tuned)
         results.setdefault("train_images", len(train))
         results.setdefault("test_images", len(test))
@@ -702,29 +698,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``macrl-eval``. Returns 0 on success, 1 on an unreadable image, 2 on a usage error."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except EvaluateError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(args)
-    except (EvaluateError, ExtractError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except FashionMNISTNotFoundError as e:
-        print(f"{PROG}: error: {_first_line(e)}", file=sys.stderr)
-        return 2
-    except UnreadableImageError as e:
-        print(f"{PROG}: error: {_first_line(e)} (pass --skip-unreadable to skip such files)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(PROG, build_parser(), run, argv, (EvaluateError, ExtractError, FashionMNISTNotFoundError))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from macrl.configuration_macrl import MACRLConfig
 from macrl.data import HFDatasetSource, ImageFolderSource, ImageSource, UnreadableImageError
 from macrl.data.hf_datasets import _is_saved_dataset
 from macrl.image_processing_macrl import MACRLImageProcessor
+from macrl.command_line import run_command
 from macrl.modeling_macrl import MACRLModel
 from macrl.precision import slow_bf16_warning
 
@@ -594,26 +595,9 @@ def run(args: argparse.Namespace) -> ExtractionResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``macrl-extract``. Returns 0 on success, 1 on an unreadable image, 2 on a usage error."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except ExtractError as e:
-        print(f"macrl-extract: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(args)
-    except ExtractError as e:
-        print(f"macrl-extract: error: {e}", file=sys.stderr)
-        return 2
-    except UnreadableImageError as e:
-        print(f"macrl-extract: error: {e} (pass --skip-unreadable to skip such files)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("macrl-extract: interrupted; no output written", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(
+        "macrl-extract", build_parser(), run, argv, (ExtractError,), interrupted="interrupted; no output written"
+    )
 
 
 if __name__ == "__main__":
