@@ -104,7 +104,7 @@ def cached(path: Path, compute) -> dict:
     return result
 
 
-def summarise(rows: dict[str, list[dict]], minutes: float) -> str:
+def summarise(rows: dict[str, list[dict]], minutes: float, precision: str) -> str:
     metrics = ("knn_cls", "knn_mean", "linear_cls", "linear_mean")
     header = "| method | kNN CLS | kNN mean | linear CLS | linear mean | pretraining min | img/s | seeds |"
     lines = [header, "|" + "---|" * 8]
@@ -124,7 +124,9 @@ def summarise(rows: dict[str, list[dict]], minutes: float) -> str:
         cells.append(str(len(results)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Budget: {minutes} min of pretraining per run; ± is the spread (max - min) over seeds.")
+    lines.append(
+        f"Budget: {minutes} min of pretraining per run, {precision}; ± is the spread (max - min) over seeds."
+    )
     return "\n".join(lines)
 
 
@@ -166,18 +168,22 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             run_dir = root / f"{method}-{args.minutes:g}min-seed{seed}"
             train = run_pretraining(method, seed, args.minutes, run_dir, extra, step_seconds.get(method))
-            scores = cached(run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed, precision))
+            scores = cached(
+                run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed, precision)
+            )
             rows.setdefault(method, []).append(
                 {**scores, "training_minutes": train["training_minutes"], "images_per_second": train["images_per_second"]}
             )
-            print(summarise(rows, args.minutes), flush=True)
+            print(summarise(rows, args.minutes, precision), flush=True)
     if not args.no_floors:
         for seed in args.seeds:
             rows.setdefault("random-init encoder", []).append(
-                cached(root / f"random-init-seed{seed}.json", lambda: evaluate_encoder(None, args.config, seed, precision))
+                cached(
+                    root / f"random-init-seed{seed}.json", lambda: evaluate_encoder(None, args.config, seed, precision)
+                )
             )
         rows["raw pixels"] = [cached(root / "raw-pixels.json", lambda: evaluate_raw_pixels(0))]
-    table = summarise(rows, args.minutes)
+    table = summarise(rows, args.minutes, precision)
     print(table)
     (root / f"table-{args.minutes:g}min.md").write_text(table + "\n")
     (root / f"table-{args.minutes:g}min.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -12,7 +12,7 @@ __all__ = ["cpu_runs_bf16_fast", "slow_bf16_warning"]
 
 
 def cpu_runs_bf16_fast() -> bool:
-    """True when oneDNN has native bfloat16 kernels for this CPU (AVX512 bw+vl+dq, or Arm bf16); True when torch cannot tell."""
+    """True when oneDNN has bfloat16 kernels for this CPU (AVX512 bw+vl+dq, or Arm's bf16); True if torch can't tell."""
     # torch's own test for its oneDNN bf16 paths (what the mkldnn bf16 tests skip on); no public API asks this
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return True if check is None else bool(check())
