@@ -7,7 +7,8 @@ Each run is the real `macrl-pretrain` (same encoder, data, augmentations and bud
 count to the budget from a timing of real steps), then both poolings of the encoder are evaluated on the
 Fashion-MNIST test split with the weighted kNN (k=20, T=0.07) and a linear probe on frozen features. Two floors sit
 beside them: the same encoder at random initialisation, and raw pixels. Finished runs are cached in
-`--output-dir/<run>/quality.json`, so the benchmark can be run in parts and only missing runs are redone.
+`--output-dir/<run>/quality.json`, so the benchmark can be run in parts and only missing runs are redone; a run
+cut short continues from its last checkpoint.
 One table is printed (and written as markdown and JSON): a method's value is the mean over seeds, with the spread
 (max - min) beside it; a gap smaller than the spread is a tie.
 """
@@ -37,20 +38,28 @@ METHODS = {
     "mocov3": ["--reconstruction-weight", "0", "--mask-ratio", "0", "--config-overrides", '{"symmetric_loss": true}'],
 }
 
+# a checkpoint (a fraction of a second for these models) every few minutes of training
+CHECKPOINT_STEPS = 300
+
 
 def run_pretraining(
     method: str, seed: int, minutes: float, run_dir: Path, extra: list[str], step_seconds: float | None
 ) -> dict:
-    """`macrl-pretrain` in a subprocess; returns its results.json."""
+    """`macrl-pretrain` in a subprocess; returns its results.json.
+
+    A run cut short (a closed laptop, a session limit) continues from its newest checkpoint the next time, with the
+    same step count, so a long run costs its budget once.
+    """
     if not (run_dir / "results.json").exists():
         # a fixed step count (budget / quiet-machine step time) keeps the result independent of other load
         length = ["--max-minutes", str(minutes)] if step_seconds is None else [
             "--max-steps", str(max(1, round(minutes * 60 / step_seconds)))
         ]
+        resume = ["--resume"] if any((run_dir / "checkpoints").glob("checkpoint-*")) else []
         command = [
             sys.executable, "-m", "macrl.pretrain",
-            "--output-dir", str(run_dir), *length, "--seed", str(seed),
-            "--knn-eval", "false", "--save-steps", "100000", *METHODS[method], *extra,
+            "--output-dir", str(run_dir), *length, "--seed", str(seed), "--knn-eval", "false",
+            "--save-steps", str(CHECKPOINT_STEPS), "--save-total-limit", "1", *resume, *METHODS[method], *extra,
         ]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True)
