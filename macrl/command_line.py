@@ -1,10 +1,12 @@
-"""The error contract of `macrl-extract` and `macrl-eval`: one line on stderr and an exit code, never a traceback.
+"""The command line of `macrl-extract` and `macrl-eval`: one error contract, one line on stderr and an exit code,
+never a traceback, and the flag types they share.
 
 0 done; 1 an unreadable image (with the hint to skip such files); 2 a usage problem (bad flag, missing model or
 data); 130 interrupted. A message is cut to its first line, so a library's long explanation stays one line.
 """
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,6 +17,44 @@ def first_line(error: BaseException) -> str:
     """The first line of `error`'s message, or its class name when the message is empty."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise `error_type` (one line, exit 2 through `run_command`) instead of printing
+    the usage and exiting."""
+
+    def __init__(self, *args, error_type: type[Exception], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_type = error_type
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise self.error_type(f"{message} (see --help)")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """A flag type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """A flag type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def run_command(

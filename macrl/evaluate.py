@@ -26,10 +26,7 @@ import argparse
 import contextlib
 import io
 import json
-import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,7 +38,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .command_line import first_line, run_command
+from .atomic_files import atomic_path
+from .command_line import OneLineErrorParser, first_line, int_at_least, positive_float, run_command
 from .data import (
     FashionMNISTNotFoundError,
     FashionMNISTSource,
@@ -63,7 +61,7 @@ from .extract import (
     resolve_device,
 )
 from .model_card import card_evaluation, update_model_card
-from .modeling_macrl import MACRLModel
+from .modeling_macrl import MACRLModel, pool_tokens
 from .precision import slow_bf16_warning
 from .training.data import SubsetSource
 
@@ -108,8 +106,7 @@ class _PooledTokens(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
         tokens = self.encoder(pixel_values=pixel_values).last_hidden_state.float()  # [B, 1 + L, D]
-        # same definitions as MACRLModel.pool: the CLS token, or the mean of the patch tokens (CLS excluded)
-        pooled = [tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1) for pool in self.pools]
+        pooled = [pool_tokens(tokens, pool) for pool in self.pools]
         return SimpleNamespace(last_hidden_state=torch.stack(pooled, dim=1))  # [B, P, D]
 
 
@@ -454,52 +451,18 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 def _write_json_atomically(path: Path, payload: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(json.dumps(payload, indent=2) + "\n")
-        os.replace(temp_name, path)
-    finally:
-        Path(temp_name).unlink(missing_ok=True)
+    with atomic_path(path) as temp_path:
+        temp_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors raise ``EvaluateError`` (one line, exit 2) instead of printing usage."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise EvaluateError(f"{message} (see --help)")
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``macrl-eval`` flags; ``--help`` states every default."""
-    parser = _ArgumentParser(
+    parser = OneLineErrorParser(
         prog=PROG,
+        error_type=EvaluateError,
         description="kNN, linear-probe and fine-tuning accuracy of a MACRL encoder.",
         epilog="Exit status: 0 done, 1 an image could not be decoded (see --skip-unreadable), 2 usage error.",
     )
@@ -523,11 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-fraction", type=float, default=0.1,
         help="fraction held out as the test set when the data has no test split (default: %(default)s)",
     )
-    add("--limit-train", type=_int_at_least(1), default=None, help="use a seeded random N training images (default: all)")
-    add("--limit-test", type=_int_at_least(1), default=None, help="use a seeded random N test images (default: all)")
+    add("--limit-train", type=int_at_least(1), default=None, help="use a seeded random N training images (default: all)")
+    add("--limit-test", type=int_at_least(1), default=None, help="use a seeded random N test images (default: all)")
     add("--knn", action=argparse.BooleanOptionalAction, default=True, help="weighted kNN (default: on)")
-    add("--knn-k", type=_int_at_least(1), default=20, help="kNN neighbours (default: %(default)s)")
-    add("--knn-temperature", type=_positive_float, default=0.07, help="kNN temperature (default: %(default)s)")
+    add("--knn-k", type=int_at_least(1), default=20, help="kNN neighbours (default: %(default)s)")
+    add("--knn-temperature", type=positive_float, default=0.07, help="kNN temperature (default: %(default)s)")
     add("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear probe (default: on)")
     add(
         "--pool", choices=POOL_CHOICES, default="both",
@@ -535,9 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     add("--finetune-epochs", type=float, default=0, help="end-to-end fine-tuning epochs; 0 = off (default: 0)")
-    add("--finetune-max-steps", type=_int_at_least(1), default=None, help="stop fine-tuning after N steps")
-    add("--finetune-lr", type=_positive_float, default=5e-4, help="fine-tuning peak learning rate (default: %(default)s)")
-    add("--finetune-batch-size", type=_int_at_least(1), default=64, help="fine-tuning batch size (default: %(default)s)")
+    add("--finetune-max-steps", type=int_at_least(1), default=None, help="stop fine-tuning after N steps")
+    add("--finetune-lr", type=positive_float, default=5e-4, help="fine-tuning peak learning rate (default: %(default)s)")
+    add("--finetune-batch-size", type=int_at_least(1), default=64, help="fine-tuning batch size (default: %(default)s)")
     add(
         "--layer-decay", type=float, default=None,
         help="layer-wise lr decay for fine-tuning, in (0, 1], e.g. 0.75 (default: off)",
@@ -548,10 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the fine-tuned model (default: <output stem>-finetuned next to --output, "
         "else ./macrl-finetuned)",
     )
-    add("--batch-size", type=_int_at_least(1), default=256, help="images per forward pass (default: %(default)s)")
+    add("--batch-size", type=int_at_least(1), default=256, help="images per forward pass (default: %(default)s)")
     add("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda, else mps, else cpu (default: auto)")
     add("--dtype", choices=EVAL_DTYPES, default="fp32", help="bf16: autocast / mixed precision (default: fp32)")
-    add("--num-workers", type=_int_at_least(0), default=0, help="DataLoader worker processes (default: 0)")
+    add("--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes (default: 0)")
     add("--seed", type=int, default=0, help="held-out split, --limit-* subsets, probe and fine-tuning (default: 0)")
     add("--skip-unreadable", action="store_true", help="skip images that cannot be decoded instead of stopping")
     add("--output", default=None, help="write the results as JSON to this file (atomically)")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -42,12 +41,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from macrl import __version__
+from macrl.atomic_files import atomic_path
 from macrl.configuration_macrl import MACRLConfig
 from macrl.data import HFDatasetSource, ImageFolderSource, ImageSource, UnreadableImageError
 from macrl.data.hf_datasets import _is_saved_dataset
 from macrl.image_processing_macrl import MACRLImageProcessor
-from macrl.command_line import run_command
-from macrl.modeling_macrl import MACRLModel
+from macrl.command_line import OneLineErrorParser, first_line, int_at_least, run_command
+from macrl.modeling_macrl import MACRLModel, pool_tokens
 from macrl.precision import slow_bf16_warning
 
 __all__ = ["ExtractionResult", "extract_features", "load_model_and_processor", "save_features", "main"]
@@ -155,12 +155,8 @@ class _PreprocessBatch:
 
 
 def _pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """``[B, 1 + L, D]`` -> ``[B, D]`` (``cls``: the CLS token; ``mean``: mean of the patch tokens) or unchanged."""
-    if pool == "cls":
-        return tokens[:, 0]
-    if pool == "mean":  # same definition as MACRLModel.pool: CLS excluded
-        return tokens[:, 1:].mean(dim=1)
-    return tokens
+    """``[B, 1 + L, D]`` -> ``[B, D]`` (``cls``, ``mean``: as ``MACRLModel.pool``) or, for ``none``, unchanged."""
+    return tokens if pool == "none" else pool_tokens(tokens, pool)
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -296,7 +292,7 @@ def load_model_and_processor(name_or_path: str, revision: str | None = None) -> 
         # before from_pretrained would load mismatched weights with only a warning.
         config_dict, _ = MACRLConfig.get_config_dict(name_or_path, revision=revision)
     except (OSError, ValueError) as e:
-        raise ExtractError(f"--model {name_or_path}: cannot load its config: {_first_line(e)}") from e
+        raise ExtractError(f"--model {name_or_path}: cannot load its config: {first_line(e)}") from e
     model_type = config_dict.get("model_type")
     if model_type != MACRLConfig.model_type:
         raise ExtractError(
@@ -307,7 +303,7 @@ def load_model_and_processor(name_or_path: str, revision: str | None = None) -> 
         # float32 weights whatever the checkpoint's dtype: --dtype lowers precision via autocast only.
         model = MACRLModel.from_pretrained(name_or_path, revision=revision, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ExtractError(f"--model {name_or_path}: cannot load the weights: {_first_line(e)}") from e
+        raise ExtractError(f"--model {name_or_path}: cannot load the weights: {first_line(e)}") from e
 
     from transformers import AutoImageProcessor
 
@@ -346,15 +342,10 @@ def build_source(
             split=split, image_column=image_column, label_column=label_column, mode=mode,
         )
     except (OSError, ValueError, ImportError) as e:  # FileNotFoundError / NotADirectoryError are OSErrors
-        raise ExtractError(f"--data {data}: {_first_line(e)}") from e
+        raise ExtractError(f"--data {data}: {first_line(e)}") from e
 
 
 # --------------------------------------------------------------------------- saving
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def check_output_path(output: str | Path) -> Path:
@@ -388,23 +379,6 @@ def check_output_path(output: str | Path) -> Path:
     return output
 
 
-@contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``target``; on success ``os.replace`` it onto ``target``.
-
-    Same folder, so the replace is a rename on one filesystem: readers see the old file or
-    the complete new one, never a partial write. The temp file is removed on any failure.
-    """
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    temp_path = Path(temp_name)
-    try:
-        yield temp_path
-        os.replace(temp_path, target)
-    finally:
-        temp_path.unlink(missing_ok=True)
-
-
 def _metadata(result: ExtractionResult, info: dict[str, Any]) -> dict[str, Any]:
     """Everything stored next to the features, as JSON-able values."""
     return {
@@ -435,16 +409,16 @@ def save_features(result: ExtractionResult, output: str | Path, info: dict[str, 
             for key, value in metadata.items()
             if value is not None
         }
-        with _atomic_path(output) as temp_path:
+        with atomic_path(output) as temp_path:
             save_file(tensors, str(temp_path), metadata={"format": "pt", **string_metadata})
         return output
 
     sidecar = output.with_suffix(".ids.json")
     metadata["labels"] = result.labels.tolist() if result.labels is not None else None
     # The sidecar is replaced first, so a complete .npy always has its complete sidecar.
-    with _atomic_path(sidecar) as temp_path:
+    with atomic_path(sidecar) as temp_path:
         temp_path.write_text(json.dumps(metadata, indent=1) + "\n")
-    with _atomic_path(output) as temp_path:
+    with atomic_path(output) as temp_path:
         with open(temp_path, "wb") as f:  # a file object: np.save(path) would append ".npy" to the temp name
             np.save(f, result.features.numpy())
     return output
@@ -453,31 +427,11 @@ def save_features(result: ExtractionResult, output: str | Path, info: dict[str, 
 # --------------------------------------------------------------------------- CLI
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors raise ``ExtractError`` (one line, exit 2) instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ExtractError(f"{message} (see --help)")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``macrl-extract`` flags; ``--help`` states every default."""
-    parser = _ArgumentParser(
+    parser = OneLineErrorParser(
         prog="macrl-extract",
+        error_type=ExtractError,
         description="Encode a folder of images or a `datasets` dataset with a MACRL encoder into a features file.",
         epilog="Exit status: 0 done, 1 an image could not be decoded (see --skip-unreadable), 2 usage error.",
     )
@@ -507,14 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool", choices=POOL_CHOICES, default=None,
         help="cls token, mean of patch tokens, or none (all tokens, [N, 1+L, D]); default: the model's config.pooling",
     )
-    add("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: %(default)s)")
+    add("--batch-size", type=int_at_least(1), default=64, help="images per forward pass (default: %(default)s)")
     add("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda, else mps, else cpu (default: auto)")
     add(
         "--dtype", choices=tuple(DTYPE_CHOICES), default="fp32",
         help="compute precision, bf16/fp16 via autocast; features are saved as float32 (default: %(default)s)",
     )
     add(
-        "--num-workers", type=_non_negative_int, default=0,
+        "--num-workers", type=int_at_least(0), default=0,
         help="DataLoader worker processes that decode and preprocess (default: %(default)s)",
     )
     add(

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 from transformers import ViTImageProcessor
-from transformers.image_utils import ChannelDimension, ImageInput
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import ImagesKwargs, Unpack
 
 

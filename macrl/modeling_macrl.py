@@ -105,6 +105,16 @@ def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
     return torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1).unsqueeze(0)
 
 
+def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """`[N, 1 + L, D]` -> `[N, D]`: `cls` the CLS token, `mean` the mean of the patch tokens, CLS excluded (timm's
+    `global_pool='avg'`)."""
+    if pooling == "cls":
+        return tokens[:, 0]
+    if pooling == "mean":
+        return tokens[:, 1:].mean(dim=1)
+    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
 class MACRLBlock(Block, GradientCheckpointingLayer):
     """timm's pre-norm ViT block (SDPA attention), with transformers' gradient checkpointing switch."""
 
@@ -367,8 +377,8 @@ class MACRLModel(MACRLPreTrainedModel):
         return self.norm(x), mask, ids_restore, hidden_states
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`[N, 1 + L, D]` -> `[N, D]`: the CLS token, or the mean of the patch tokens (timm's `global_pool='avg'`)."""
-        return tokens[:, 0] if self.config.pooling == "cls" else tokens[:, 1:].mean(dim=1)
+        """`[N, 1 + L, D]` -> `[N, D]` with the config's pooling (`pool_tokens`)."""
+        return pool_tokens(tokens, self.config.pooling)
 
     def forward(
         self,

@@ -15,7 +15,6 @@ from macrl.data import (
     BatchAugmentation,
     BatchedTwoViewDataset,
     FashionMNISTSource,
-    ImageFolderSource,
     TwoViewCollator,
     TwoViewDataset,
 )

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from macrl import MACRLForImageClassification, MACRLForPreTraining, MACRLModel
+from macrl.modeling_macrl import pool_tokens
 
 
 def test_encoder_shapes_and_pooling(tiny_config, fashion_images):
@@ -19,6 +20,13 @@ def test_encoder_shapes_and_pooling(tiny_config, fashion_images):
         assert len(out.hidden_states) == 1 + 2
         expected = out.last_hidden_state[:, 0] if pooling == "cls" else out.last_hidden_state[:, 1:].mean(1)
         torch.testing.assert_close(out.pooler_output, expected)
+
+
+def test_pool_tokens_names_an_unknown_pooling():
+    tokens = torch.arange(24.0).reshape(1, 3, 8)  # [N, 1 + L, D]
+    torch.testing.assert_close(pool_tokens(tokens, "mean"), tokens[:, 1:].mean(1))
+    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean', got 'max'"):
+        pool_tokens(tokens, "max")
 
 
 def test_encoder_is_deterministic_and_unmasked(tiny_config, fashion_images):
