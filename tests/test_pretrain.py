@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
 from macrl.data import load_fashion_mnist
-from macrl.pretrain import build_training_arguments, main
+from macrl.pretrain import build_training_arguments, main, steady_step_seconds
 from macrl.presets import load_config
 from macrl.training.arguments import build_parser
 
@@ -243,3 +243,22 @@ def test_learning_rate_default_follows_the_preset(tmp_path, flags, learning_rate
     (args,) = build_parser().parse_args_into_dataclasses(flags)
     training_args = build_training_arguments(args, tmp_path, max_steps=10, config=load_config(args.config))
     assert training_args.learning_rate == pytest.approx(learning_rate)
+
+
+def test_step_time_ignores_the_slow_first_steps():
+    # the first steps of a fresh model, timed on a 2-core AVX2 machine: ~1.8x the steady 0.7 s at first
+    durations = [1.25, 1.14, 0.84, 0.76, 0.71, 0.74, 0.65, 0.77, 0.70, 0.77]
+    assert steady_step_seconds(durations) == pytest.approx(0.74)
+    assert steady_step_seconds([0.5]) == 0.5
+    with pytest.raises(ValueError, match="no step"):
+        steady_step_seconds([])
+
+
+def test_max_minutes_on_fewer_batches_than_the_probe_times(tmp_path):
+    # 48 images are 3 batches of 16: the step-time probe reuses them instead of running out of data
+    out = tmp_path / "run"
+    args = [*FAST, "--output-dir", out, "--max-minutes", "0.05", "--limit-images", "48", "--knn-eval", "false"]
+    assert _run(*args) == 0
+    state = json.loads(next(out.glob("checkpoints/checkpoint-*/trainer_state.json")).read_text())
+    assert state["max_steps"] >= 1
+    assert state["global_step"] <= state["max_steps"]
