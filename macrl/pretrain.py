@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def resolve_checkpoint(args: PretrainingArguments, checkpoint_dir: Path, config:
 
 
 # The first steps of a fresh model run slower (allocator and oneDNN kernel caches warming up): on a 2-core AVX2 machine
-# steps 1-3 took 1.1-1.9x the steady time, so the probe times 10 steps and keeps the median of the last half.
+# steps 1-3 took 1.2-1.8x the steady time, so the probe times 10 steps and keeps the median of the last half.
 _PROBE_STEPS = 10
 
 
@@ -98,8 +99,7 @@ def steady_step_seconds(durations: list[float]) -> float:
     """The steady time of a step from the times of consecutive first steps: the median of the second half."""
     if not durations:
         raise ValueError("no step was timed")
-    warm = sorted(durations[len(durations) // 2 :])
-    return warm[(len(warm) - 1) // 2]
+    return statistics.median_low(durations[len(durations) // 2 :])
 
 
 def fit_steps_to_budget(
