@@ -58,7 +58,7 @@ def run_pretraining(
         resume = ["--resume"] if any((run_dir / "checkpoints").glob("checkpoint-*")) else []
         command = [
             sys.executable, "-m", "macrl.pretrain",
-            "--output-dir", str(run_dir), *length, "--seed", str(seed), "--knn-eval", "false",
+            "--output-dir", str(run_dir), *length, "--seed", str(seed), "--no-knn",
             "--save-steps", str(CHECKPOINT_STEPS), "--save-total-limit", "1", *resume, *METHODS[method], *extra,
         ]
         print("$", " ".join(command), flush=True)

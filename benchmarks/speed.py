@@ -163,18 +163,9 @@ def vitmae_model(config):
 def timm_model(config):
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        in_chans=config.num_channels,
-        embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        mlp_ratio=config.intermediate_size / config.hidden_size,
-        qkv_bias=config.qkv_bias,
-        num_classes=0,
-        global_pool="token",
-    )
+    from macrl.timm_layout import timm_vit_kwargs
+
+    return VisionTransformer(**timm_vit_kwargs(config))
 
 
 def hf_vit_model(config):

@@ -1,1 +1,21 @@
-"""Scripts that convert MAE, MoCo v3, ViTMAE, timm and MACRL training checkpoints to MACRL folders (and back)."""
+"""Converters between MACRL folders and other formats, installed as `macrl.conversion` and run as
+`macrl-convert KIND ...` (`python -m macrl.conversion.convert_X ...` works too):
+
+| KIND | module | what |
+|---|---|---|
+| `checkpoint` | `convert_macrl_checkpoint_to_hf` | a `macrl-pretrain` checkpoint -> an encoder (or full model) folder |
+| `vit-mae` | `convert_vit_mae_to_macrl` | transformers `ViTMAEForPreTraining` -> `MACRLForPreTraining` |
+| `mae` | `convert_mae_original_to_macrl` | a facebookresearch/mae checkpoint -> `MACRLForPreTraining` |
+| `mocov3` | `convert_mocov3_to_macrl` | a facebookresearch/moco-v3 ViT checkpoint -> `MACRLForPreTraining` |
+| `timm` | `convert_macrl_to_timm` | a MACRL encoder -> a timm `VisionTransformer` folder (`--reverse`: back) |
+"""
+
+CONVERTERS = {
+    "checkpoint": "convert_macrl_checkpoint_to_hf",
+    "vit-mae": "convert_vit_mae_to_macrl",
+    "mae": "convert_mae_original_to_macrl",
+    "mocov3": "convert_mocov3_to_macrl",
+    "timm": "convert_macrl_to_timm",
+}
+
+__all__ = ["CONVERTERS"]

@@ -4,19 +4,26 @@ Every script follows the same order: build the `MACRLConfig`, rename the source 
 result strictly, compare the outputs with the source model (allclose), `save_pretrained` (model + image processor),
 and optionally push the folder to the Hub.
 
-torch, transformers, timm and macrl are imported inside the functions, so that `script.py --help` answers at once.
+Installed as `macrl.conversion`; `macrl-convert KIND` (macrl/convert.py) fronts the converters, each a module with
+`build_parser` and `main`, under the command contract of `macrl.command_line`: exit 0 done, 1 outputs that disagree
+(`OutputMismatchError`) or a failed push, 2 a source or option that cannot be used (`KeyMismatchError`, a missing
+or unreadable file, a config that does not validate). torch, transformers and timm are imported inside the functions,
+so that `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..command_line import OneLineErrors, UsageError, run_command
+from ..errors import InputError, MACRLError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -32,7 +39,10 @@ DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
 
 
-class KeyMismatchError(ValueError):
+logger = logging.getLogger(__name__)
+
+
+class KeyMismatchError(InputError):
     """The source's keys do not match the layout a script converts; the message lists every difference.
 
     Attributes:
@@ -53,20 +63,20 @@ class KeyMismatchError(ValueError):
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.mismatched = sorted(mismatched)
-        lines = [f"{source} does not match the expected layout:"]
+        parts = []  # one line: a command shows the first line of an error
         if self.missing:
-            lines.append(f"  missing keys ({len(self.missing)}): {_list_keys(self.missing)}")
+            parts.append(f"missing keys ({len(self.missing)}): {_list_keys(self.missing)}")
         if self.unexpected:
-            lines.append(f"  unexpected keys ({len(self.unexpected)}): {_list_keys(self.unexpected)}")
+            parts.append(f"unexpected keys ({len(self.unexpected)}): {_list_keys(self.unexpected)}")
         if self.mismatched:
             shapes = [f"{key} {tuple(got)} (expected {tuple(want)})" for key, got, want in self.mismatched]
-            lines.append(f"  mismatched shapes ({len(shapes)}): {_list_keys(shapes)}")
+            parts.append(f"mismatched shapes ({len(shapes)}): {_list_keys(shapes)}")
         if hint:
-            lines.append(f"  hint: {hint}")
-        super().__init__("\n".join(lines))
+            parts.append(f"hint: {hint}")
+        super().__init__(f"{source} does not match the expected layout: " + "; ".join(parts))
 
 
-class OutputMismatchError(ValueError):
+class OutputMismatchError(MACRLError, ValueError):
     """The converted model's outputs differ from the source model's beyond the tolerance."""
 
 
@@ -76,7 +86,8 @@ def _list_keys(keys: Sequence[str]) -> str:
 
 
 def log(message: str) -> None:
-    print(message, flush=True)
+    """What a conversion is doing, one line (`macrl-convert` shows the `macrl` logger's info lines)."""
+    logger.info(message)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,10 +148,6 @@ def check_keys(
 def select_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """The entries whose key starts with `prefix`, with the prefix removed."""
     return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-
-
-def add_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {prefix + key: value for key, value in state_dict.items()}
 
 
 def strip_common_prefix(state_dict: Mapping[str, Any], prefixes: Sequence[str] = ("module.", "_orig_mod.")) -> dict:
@@ -303,25 +310,15 @@ def checkpoint_args(checkpoint: Any) -> dict[str, Any]:
 # configs, inputs and output checks
 
 
-def config_fields() -> list[str]:
-    """The MACRL-specific fields of `MACRLConfig` (what `--set` may change)."""
-    import dataclasses
-
-    from transformers import PreTrainedConfig
-
-    from macrl import MACRLConfig
-
-    base = {field.name for field in dataclasses.fields(PreTrainedConfig)}
-    return [field.name for field in dataclasses.fields(MACRLConfig) if field.name not in base]
-
-
 def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
     """`["mask_ratio=0.5", "reconstruction_loss=l2"]` -> `{"mask_ratio": 0.5, "reconstruction_loss": "l2"}`.
 
     Values are read as JSON (numbers, true/false, null) and kept as strings otherwise; unknown fields raise.
     """
     overrides: dict[str, Any] = {}
-    known = config_fields()
+    from macrl import MACRLConfig
+
+    known = MACRLConfig.macrl_fields()
     for item in items or ():
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -334,6 +331,19 @@ def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             overrides[key] = value
     return overrides
+
+
+def read_macrl_config(folder: str | Path, overrides: Mapping[str, Any] | None = None) -> MACRLConfig:
+    """The `MACRLConfig` of a saved MACRL folder (its config.json, `model_type` "macrl"), `overrides` on top."""
+    from macrl.presets import load_config
+
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: expected a MACRL folder (save_pretrained)")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != "macrl":
+        raise ValueError(f"{config_file} has model_type {model_type!r}, expected 'macrl'")
+    return load_config(str(folder), **dict(overrides or {}))
 
 
 def build_config(fields: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> MACRLConfig:
@@ -418,9 +428,10 @@ def compare_state_dicts(a: Mapping[str, Any], b: Mapping[str, Any], name: str = 
 
 
 def default_processor(config: MACRLConfig) -> MACRLImageProcessor:
-    from macrl import MACRLImageProcessor
+    """The image processor of a model converted from elsewhere: `macrl.loading.load_image_processor`'s default."""
+    from ..loading import load_image_processor
 
-    return MACRLImageProcessor.from_model_config(config)
+    return load_image_processor(None, config)
 
 
 def load_processor(folder: str | Path | None, config: MACRLConfig) -> MACRLImageProcessor:
@@ -456,46 +467,20 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload converted model",
 ) -> str:
-    """Upload `folder` to `repo_id`: a MACRL folder with `macrl.hub.push_encoder_to_hub` (checks, no pickles, no
-    README overwrite); any other folder (a timm export) with the same pickle guard. Returns the commit URL."""
-    from macrl.hub import push_encoder_to_hub
+    """Upload `folder` to `repo_id` with `macrl.hub`: a MACRL folder with `push_encoder_to_hub` (its checks), any
+    other one (a timm export) with `push_folder`; pickles are never uploaded, a README on the Hub is kept.
+    Returns the commit URL."""
+    from ..hub import push_encoder_to_hub, push_folder
 
     folder = Path(folder)
     try:
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
         model_type = None
-    if model_type == "macrl":
-        url = push_encoder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
-    else:
-        url = _push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+    push = push_encoder_to_hub if model_type == "macrl" else push_folder
+    url = push(folder, repo_id, private=private, token=token, commit_message=commit_message)
     log(f"pushed {folder} to {repo_id}: {url}")
     return url
-
-
-def _push_folder(folder: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str) -> str:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
-    from huggingface_hub.utils import validate_repo_id
-
-    from macrl.hub import LOCAL_CACHE_PATTERNS, PICKLE_PATTERNS, HubPushError, TransportError, _explain
-
-    if not (folder / "config.json").is_file() or not (folder / SAFE_WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{folder} needs config.json and {SAFE_WEIGHTS_NAME} to be pushed")
-    validate_repo_id(repo_id)
-    api = HfApi(token=token)
-    try:
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
-            ignore_patterns=PICKLE_PATTERNS + LOCAL_CACHE_PATTERNS,
-            token=token,
-        )
-    except (HfHubHTTPError, LocalTokenNotFoundError, TransportError, ConnectionError, TimeoutError) as error:
-        raise HubPushError(_explain(error, repo_id, api.endpoint, None)) from error
-    return commit.commit_url
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -524,23 +509,30 @@ def add_common_arguments(parser: argparse.ArgumentParser, overrides: bool = True
     group.add_argument("--private", action="store_true", help="create the Hub repository as private")
 
 
+class ConversionParser(OneLineErrors, argparse.ArgumentParser):
+    """The converters' parser: one-line usage errors, defaults in `--help`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def run_cli(convert, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse `argv`, run `convert(args)` and turn a known failure (mismatched keys or outputs, a missing or unreadable
-    source, a bad value, a failed push) into one `error:` line on stderr and exit status 1."""
-    args = parser.parse_args(argv)
+    """Parse `argv`, run `convert(args)`, and keep the command contract (module docstring): a file that is missing
+    or unreadable and a value that does not validate (the `OSError` / `ValueError` of torch, safetensors, timm and
+    `MACRLConfig`, whose messages name the file or field) are usage errors."""
     from transformers.utils import logging as transformers_logging
 
-    from macrl.hub import HubPushError
+    def run(args: argparse.Namespace) -> None:
+        transformers_logging.disable_progress_bar()
+        try:
+            convert(args)
+        except MACRLError:
+            raise
+        except (OSError, ValueError) as error:
+            raise UsageError(first_line(error)) from error
 
-    transformers_logging.disable_progress_bar()
-
-    try:
-        convert(args)
-    except (KeyMismatchError, OutputMismatchError, OSError, ValueError, HubPushError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
+    return run_command(parser.prog, parser, run, argv)
 
 
 def describe_position_embedding(pos_embed: torch.Tensor, grid_size: int) -> str:

@@ -1,9 +1,9 @@
 """Turn a `macrl-pretrain` training checkpoint into a Hugging Face folder: the encoder (default) or the full model.
 
-    python conversion/convert_macrl_checkpoint_to_hf.py OUTPUT_DIR/checkpoints/checkpoint-500 ./encoder
-    python conversion/convert_macrl_checkpoint_to_hf.py OUTPUT_DIR ./encoder            # newest checkpoint of a run
-    python conversion/convert_macrl_checkpoint_to_hf.py CHECKPOINT ./full --full       # MACRLForPreTraining
-    python conversion/convert_macrl_checkpoint_to_hf.py CHECKPOINT ./encoder --push-to-hub me/macrl-vit-s
+    macrl-convert checkpoint OUTPUT_DIR/checkpoints/checkpoint-500 ./encoder
+    macrl-convert checkpoint OUTPUT_DIR ./encoder            # newest checkpoint of a run
+    macrl-convert checkpoint CHECKPOINT ./full --full       # MACRLForPreTraining
+    macrl-convert checkpoint CHECKPOINT ./encoder --push-to-hub me/macrl-vit-s
 
 A checkpoint folder holds the `MACRLForPreTraining` config.json and model.safetensors (plus optimizer, scheduler and
 trainer state, which are left behind). The encoder export keeps the `macrl.*` weights (`--momentum-encoder`: the
@@ -22,12 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as `python conversion/convert_macrl_checkpoint_to_hf.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion.common import (  # noqa: E402
+from .common import (
+    ConversionParser,
+    read_macrl_config,
     add_common_arguments,
-    build_config,
     check_keys,
     compare_outputs,
     load_processor,
@@ -43,8 +42,6 @@ from conversion.common import (  # noqa: E402
 )
 
 HINT = "expected a checkpoint of macrl-pretrain (the keys of MACRLForPreTraining for the config.json beside it)"
-# fields of the checkpoint's config.json that are not MACRLConfig arguments
-_NOT_FIELDS = ("model_type", "auto_map", "architectures", "transformers_version")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -69,17 +66,6 @@ def find_processor_folder(checkpoint: Path, explicit: str | Path | None) -> Path
     return next((c for c in candidates if (c / "preprocessor_config.json").is_file()), None)
 
 
-def load_config(checkpoint: Path, overrides: dict[str, Any] | None = None):
-    import json
-
-    fields = json.loads((checkpoint / "config.json").read_text())
-    if fields.get("model_type") != "macrl":
-        raise ValueError(f"{checkpoint / 'config.json'} has model_type {fields.get('model_type')!r}, expected 'macrl'")
-    for name in _NOT_FIELDS:
-        fields.pop(name, None)
-    return build_config(fields, overrides)
-
-
 def convert_macrl_checkpoint(
     checkpoint: str | Path,
     output_dir: str | Path | None = None,
@@ -100,7 +86,7 @@ def convert_macrl_checkpoint(
 
     checkpoint = resolve_checkpoint(checkpoint)
     log(f"loading {checkpoint}")
-    config = load_config(checkpoint, overrides)
+    config = read_macrl_config(checkpoint, overrides)
     state_dict = load_state_dict(checkpoint)
 
     source = MACRLForPreTraining(config)
@@ -145,12 +131,11 @@ def convert_macrl_checkpoint(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_macrl_checkpoint_to_hf.py",
+    parser = ConversionParser(
+        prog="macrl-convert checkpoint",
         description="Export a macrl-pretrain training checkpoint (checkpoints/checkpoint-N, or a run folder for its "
         "newest one) as a Hugging Face folder: the MACRLModel encoder with its image processor, or --full the "
         "MACRLForPreTraining model, checking that the outputs match the checkpoint's.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="checkpoint-N folder, or the run's OUTPUT_DIR (uses its newest checkpoint)")
     parser.add_argument("output_dir", help="folder to write the model and image processor to")

@@ -1,10 +1,10 @@
 """Export a MACRL encoder as a timm `VisionTransformer` folder, or (`--reverse`) turn a timm ViT into a MACRLModel.
 
-    python conversion/convert_macrl_to_timm.py ./encoder ./encoder-timm
-    python conversion/convert_macrl_to_timm.py OUTPUT_DIR ./timm --momentum-encoder      # from a MACRLForPreTraining
-    python conversion/convert_macrl_to_timm.py ./encoder ./encoder-timm --push-to-hub me/macrl-vit-s-timm
-    python conversion/convert_macrl_to_timm.py --reverse ./encoder-timm ./encoder         # a timm folder
-    python conversion/convert_macrl_to_timm.py --reverse vit.safetensors ./encoder --num-attention-heads 6
+    macrl-convert timm ./encoder ./encoder-timm
+    macrl-convert timm OUTPUT_DIR ./timm --momentum-encoder      # from a MACRLForPreTraining
+    macrl-convert timm ./encoder ./encoder-timm --push-to-hub me/macrl-vit-s-timm
+    macrl-convert timm --reverse ./encoder-timm ./encoder         # a timm folder
+    macrl-convert timm --reverse vit.safetensors ./encoder --num-attention-heads 6
 
 The timm folder is what `timm.models.save_for_hf` writes: `model.safetensors` and a `config.json` with `architecture`,
 `num_classes` (0: the model returns the pooled feature), `num_features`, `global_pool`, `model_args` (every size, so
@@ -36,10 +36,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if __package__ in (None, ""):  # run as `python conversion/convert_macrl_to_timm.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion.common import (  # noqa: E402
+from ..timm_layout import TIMM_LAYER_NORM_EPS, default_num_heads, timm_vit_kwargs
+from .common import (
+    ConversionParser,
+    read_macrl_config,
     KeyMismatchError,
     OutputMismatchError,
     add_common_arguments,
@@ -65,11 +66,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from macrl import MACRLConfig
 
-TIMM_LAYER_NORM_EPS = 1e-6
 DEFAULT_ARCHITECTURE = "vit_base_patch16_224"
 SIZE_NAMES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large", (1280, 32): "huge"}
-HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-POOLING_TO_TIMM = {"cls": "token", "mean": "avg"}
 RESAMPLE_BY_INTERPOLATION = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}
 INTERPOLATION_BY_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 # pretrained_cfg entries of the stock architecture that would describe someone else's weights
@@ -85,28 +83,6 @@ HINT = (
 
 # ---------------------------------------------------------------------------------------------------------------------
 # MACRL -> timm
-
-
-def timm_model_args(config: MACRLConfig) -> dict[str, Any]:
-    """JSON-serialisable `timm.create_model` arguments that rebuild the encoder (without head)."""
-    args: dict[str, Any] = dict(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        in_chans=config.num_channels,
-        embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        # the float MACRLBlock computes too, so timm's int(dim * mlp_ratio) gives the same MLP width
-        mlp_ratio=config.intermediate_size / config.hidden_size,
-        qkv_bias=config.qkv_bias,
-        class_token=True,
-        global_pool=POOLING_TO_TIMM[config.pooling],
-        fc_norm=False,  # MACRL normalises every token before pooling, as timm does without fc_norm
-        num_classes=0,
-    )
-    if config.hidden_act != "gelu":
-        args["act_layer"] = config.hidden_act
-    return args
 
 
 def timm_architecture(config: MACRLConfig) -> str:
@@ -136,14 +112,7 @@ def load_macrl_encoder(source: str | Path, momentum_encoder: bool = False, overr
     from macrl import MACRLModel
 
     source = Path(source)
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"{source} has no config.json: expected a MACRL folder (save_pretrained)")
-    fields = json.loads((source / "config.json").read_text())
-    if fields.get("model_type") != "macrl":
-        raise ValueError(f"{source / 'config.json'} has model_type {fields.get('model_type')!r}, expected 'macrl'")
-    for name in ("model_type", "auto_map", "architectures", "transformers_version"):
-        fields.pop(name, None)
-    config = build_config(fields, overrides)
+    config = read_macrl_config(source, overrides)
     state_dict = load_state_dict(source)
     if any(key.startswith("macrl.") for key in state_dict):  # a pre-training folder
         state_dict = select_prefix(state_dict, "momentum_encoder." if momentum_encoder else "macrl.")
@@ -190,7 +159,7 @@ def macrl_to_timm(
             f"LayerNorm(eps={TIMM_LAYER_NORM_EPS:g}) from a config.json; the features are compared within the tolerance"
         )
     architecture = architecture or timm_architecture(config)
-    model_args = timm_model_args(config)
+    model_args = timm_vit_kwargs(config)
     timm_model = create_timm_model(architecture, model_args)
     mlp_width = timm_model.blocks[0].mlp.fc1.out_features if len(timm_model.blocks) else config.intermediate_size
     if mlp_width != config.intermediate_size:
@@ -287,7 +256,7 @@ def infer_timm_args(state_dict: dict, num_attention_heads: int | None = None) ->
         in_chans=channels,
         embed_dim=width,
         depth=depth,
-        num_heads=num_attention_heads or HEADS_BY_WIDTH.get(width, max(1, width // 64)),
+        num_heads=num_attention_heads or default_num_heads(width),
         mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / width,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
         class_token=True,
@@ -414,12 +383,11 @@ def timm_to_macrl(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_macrl_to_timm.py",
+    parser = ConversionParser(
+        prog="macrl-convert timm",
         description="Export a MACRL encoder (MACRLModel folder, or the encoder of a MACRLForPreTraining folder) as a "
         "timm VisionTransformer folder (model.safetensors + timm config.json), or with --reverse convert a timm ViT "
         "(folder, weights file or Hub id) to a MACRLModel folder; features are compared both ways.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("source", help="MACRL folder (or, with --reverse, timm folder / weights file / Hub id)")
     parser.add_argument("output_dir", help="folder to write the timm (or, with --reverse, MACRL) model to")

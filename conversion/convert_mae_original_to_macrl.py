@@ -1,7 +1,7 @@
 """Convert a facebookresearch/mae checkpoint (`models_mae.MaskedAutoencoderViT`) to a `MACRLForPreTraining` folder.
 
-    python conversion/convert_mae_original_to_macrl.py mae_visualize_vit_base.pth ./macrl-mae-base
-    python conversion/convert_mae_original_to_macrl.py mae_pretrain_vit_base.pth ./encoder --encoder-only
+    macrl-convert mae mae_visualize_vit_base.pth ./macrl-mae-base
+    macrl-convert mae mae_pretrain_vit_base.pth ./encoder --encoder-only
 
 The checkpoint is `{"model": state_dict, ...}` (a bare state dict, a `module.` prefix and a `.safetensors` file work
 too); it is read with `torch.load(weights_only=True)`, allowing only `argparse.Namespace` for the stored `args`, whose
@@ -31,10 +31,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if __package__ in (None, ""):  # run as `python conversion/convert_mae_original_to_macrl.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion.common import (  # noqa: E402
+from ..timm_layout import default_num_heads
+from .common import (
+    ConversionParser,
     KeyMismatchError,
     add_common_arguments,
     build_config,
@@ -64,7 +64,6 @@ ENCODER_RULES = [(rf"({ENCODER_KEYS})", r"macrl.\1")]
 DECODER_RULES = [(rf"({DECODER_KEYS})", r"decoder.\1")]
 # heads per width of MAE's (and MoCo v3's) released ViTs; the decoder of every MAE model has 16
 HEADS_BY_ARCH = {"base": 12, "large": 16, "huge": 16, "small": 6, "tiny": 3}
-HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 MAE_DECODER_HEADS = 16
 FINE_TUNED_HINT = (
     "keys such as head.* or fc_norm.* belong to a fine-tuned MAE classifier, not to a pre-training checkpoint; "
@@ -84,7 +83,7 @@ def heads_for(width: int, arch: str | None) -> int:
         for name, heads in HEADS_BY_ARCH.items():
             if f"_{name}" in arch:
                 return heads
-    return HEADS_BY_WIDTH.get(width, max(1, width // 64))
+    return default_num_heads(width)
 
 
 def _need(state_dict: dict, key: str) -> Any:
@@ -345,11 +344,10 @@ def convert_mae_original(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_mae_original_to_macrl.py",
+    parser = ConversionParser(
+        prog="macrl-convert mae",
         description="Convert a facebookresearch/mae MaskedAutoencoderViT checkpoint to a MACRLForPreTraining folder "
         "(or --encoder-only a MACRLModel), checking tokens, logits and loss against MAE's model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="MAE checkpoint (.pth with a 'model' entry, or .safetensors)")
     parser.add_argument("output_dir", help="folder to write the MACRL model and image processor to")

@@ -1,7 +1,7 @@
 """Convert a facebookresearch/moco-v3 ViT checkpoint (`moco.builder.MoCo_ViT`) to a `MACRLForPreTraining` folder.
 
-    python conversion/convert_mocov3_to_macrl.py vit-b-300ep.pth.tar ./macrl-mocov3-vit-b
-    python conversion/convert_mocov3_to_macrl.py vit-s-300ep.pth.tar ./encoder --encoder-only
+    macrl-convert mocov3 vit-b-300ep.pth.tar ./macrl-mocov3-vit-b
+    macrl-convert mocov3 vit-s-300ep.pth.tar ./encoder --encoder-only
 
 The checkpoint is `{"state_dict": ..., "arch": ..., ...}` with DDP's `module.` prefix (a bare state dict or a
 `.safetensors` file work too), read with `torch.load(weights_only=True)`. MoCo v3's ViT is a timm VisionTransformer
@@ -33,10 +33,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if __package__ in (None, ""):  # run as `python conversion/convert_mocov3_to_macrl.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion.common import (  # noqa: E402
+from ..timm_layout import default_num_heads, timm_vit_kwargs
+from .common import (
+    ConversionParser,
     KeyMismatchError,
     add_common_arguments,
     build_config,
@@ -69,7 +68,8 @@ RULES = [
     (r"predictor\.(\d+\..+)", r"predictor.\1"),
 ]
 HEADS_BY_ARCH = {"vit_small": 12, "vit_base": 12, "vit_large": 16, "vit_huge": 16}
-HEADS_BY_WIDTH = {384: 12, 768: 12, 1024: 16, 1280: 16}
+# MoCo v3's own ViT-S has 12 heads, not the 6 of timm's and MAE's (moco-v3 vits.py)
+MOCOV3_HEADS_BY_WIDTH = {384: 12}
 HINT = (
     "expected MoCo v3's ViT layout: base_encoder.* (timm ViT names, head.* = projector MLP), momentum_encoder.*, "
     "predictor.*; vit_conv_* stems and ResNet checkpoints are not supported"
@@ -107,7 +107,10 @@ def macrl_fields_from_mocov3(
     if grid * grid != num_positions:
         raise ValueError(f"pos_embed holds {num_positions} patch positions: not a square grid")
     blocks = {int(m.group(1)) for key in state_dict if (m := re.match(r"base_encoder\.blocks\.(\d+)\.", key))}
-    heads = num_attention_heads or HEADS_BY_ARCH.get(arch or "") or HEADS_BY_WIDTH.get(width) or max(1, width // 64)
+    heads = (
+        num_attention_heads or HEADS_BY_ARCH.get(arch or "") or MOCOV3_HEADS_BY_WIDTH.get(width)
+        or default_num_heads(width)
+    )
     fields = dict(
         image_size=grid * patch,
         patch_size=patch,
@@ -164,18 +167,7 @@ def build_reference_vit(config):
     """MoCo v3's encoder without its head: timm's VisionTransformer (class token, eps 1e-6, CLS pooling)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        in_chans=config.num_channels,
-        embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        mlp_ratio=config.intermediate_size / config.hidden_size,
-        qkv_bias=config.qkv_bias,
-        num_classes=0,
-        global_pool="token",
-    )
+    return VisionTransformer(**timm_vit_kwargs(config))
 
 
 def build_reference(state_dict: dict, config, encoder_only: bool = False) -> dict[str, nn.Module]:
@@ -292,11 +284,10 @@ def convert_mocov3(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_mocov3_to_macrl.py",
+    parser = ConversionParser(
+        prog="macrl-convert mocov3",
         description="Convert a facebookresearch/moco-v3 ViT checkpoint to a MACRLForPreTraining folder (encoder, "
         "projector, predictor and momentum encoder/projector copied; decoder fresh), or --encoder-only a MACRLModel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="MoCo v3 checkpoint (.pth.tar with 'state_dict', or .safetensors)")
     parser.add_argument("output_dir", help="folder to write the MACRL model and image processor to")

@@ -1,8 +1,8 @@
 """Convert a transformers `ViTMAEForPreTraining` (a folder or a Hub id) to a `MACRLForPreTraining` folder.
 
-    python conversion/convert_vit_mae_to_macrl.py facebook/vit-mae-base ./macrl-vit-mae-base
-    python conversion/convert_vit_mae_to_macrl.py VIT_MAE ./mae --set reconstruction_loss=l2 --set contrastive_weight=0
-    python conversion/convert_vit_mae_to_macrl.py ./vit-mae ./encoder --encoder-only     # a MACRLModel only
+    macrl-convert vit-mae facebook/vit-mae-base ./macrl-vit-mae-base
+    macrl-convert vit-mae VIT_MAE ./mae --set reconstruction_loss=l2 --set contrastive_weight=0
+    macrl-convert vit-mae ./vit-mae ./encoder --encoder-only     # a MACRLModel only
 
 Encoder and decoder are copied; projector and predictor are freshly initialised (`--seed`) and the momentum branch is
 a copy of the main one (`init_momentum_branch`). The config maps hidden/intermediate sizes, layers, heads, patch,
@@ -41,10 +41,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if __package__ in (None, ""):  # run as `python conversion/convert_vit_mae_to_macrl.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion.common import (  # noqa: E402
+from .common import (
+    ConversionParser,
     KeyMismatchError,
     add_common_arguments,
     build_config,
@@ -275,12 +274,11 @@ def convert_vit_mae(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_vit_mae_to_macrl.py",
+    parser = ConversionParser(
+        prog="macrl-convert vit-mae",
         description="Convert a transformers ViTMAEForPreTraining (folder or Hub id) to a MACRLForPreTraining folder "
         "(encoder + decoder copied, projector/predictor fresh, momentum branch = copy), checking that encoder "
         "outputs, reconstruction logits and the MAE loss match.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("source", help="ViTMAE folder or Hub model id (e.g. facebook/vit-mae-base)")
     parser.add_argument("output_dir", help="folder to write the MACRL model and image processor to")

@@ -1,34 +1,87 @@
-"""The command line of `macrl-extract` and `macrl-eval`: one error contract, one line on stderr and an exit code,
-never a traceback, and the flag types they share.
+"""The contract every macrl command keeps (`macrl-pretrain`, `macrl-extract`, `macrl-eval`, `macrl-convert`).
 
-0 done; 1 an unreadable image (with the hint to skip such files); 2 a usage problem (bad flag, missing model or
-data); 130 interrupted. A message is cut to its first line, so a library's long explanation stays one line.
+Exit codes: 0 done; 1 a known failure while working (`MACRLError`: an unreadable image, a refused Hub push, a
+conversion whose outputs disagree); 2 a usage problem (`InputError`: a bad flag, a missing model or data folder, a
+config that does not validate, an unavailable device); 130 interrupted. Every known error is one line on stderr,
+`macrl-NAME: error: <the first line of its message>`, never a traceback (an error raised in a DataLoader worker
+included); warnings logged by the library (the `macrl` logger) appear as `macrl-NAME: warning: ...`. Anything else
+is a bug and keeps its traceback. Library code raises and logs; only this module prints errors and exits.
 """
 
+from __future__ import annotations
+
 import argparse
+import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from .data import UnreadableImageError
+from .errors import InputError, MACRLError, first_line
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "OneLineErrorParser",
+    "OneLineErrors",
+    "UsageError",
+    "about",
+    "command_logging",
+    "int_at_least",
+    "positive_float",
+    "progress_bars",
+    "run_command",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of `error`'s message, or its class name when the message is empty."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+class UsageError(InputError):
+    """A flag's value cannot be used; raised by the commands' parsers and checks."""
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose usage errors raise `error_type` (one line, exit 2 through `run_command`) instead of printing
-    the usage and exiting."""
-
-    def __init__(self, *args, error_type: type[Exception], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.error_type = error_type
+class OneLineErrors:
+    """An argparse parser mixin: a usage error raises `UsageError` (one line, exit 2 through `run_command`) instead
+    of printing the usage and exiting. Mix it in before `argparse.ArgumentParser` or `HfArgumentParser`."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise self.error_type(f"{message} (see --help)")
+        raise UsageError(f"{message} (see --help)")
+
+
+class OneLineErrorParser(OneLineErrors, argparse.ArgumentParser):
+    """`argparse.ArgumentParser` with `OneLineErrors`."""
+
+
+@contextmanager
+def about(flag: str | None) -> Iterator[None]:
+    """Name `flag` in front of an `InputError` raised inside the block (`--data folder: not found`); `None` leaves
+    the message as it is."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except InputError as error:
+        raise UsageError(first_line(error) if flag is None else f"{flag} {first_line(error)}") from error
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Switch transformers' own bars ("Loading weights") on or off, restoring the previous state.
+
+    They write to stderr even when it is not a terminal, which would bury a one-line error in logs; the previous
+    state is restored because a command's `main` may run inside another program.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar)()
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -57,32 +110,77 @@ def positive_float(text: str) -> float:
     return value
 
 
+class _CommandFormatter(logging.Formatter):
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{self.prog}: {record.levelname.lower()}: {message}"
+        return message
+
+
+@contextmanager
+def command_logging(prog: str) -> Iterator[None]:
+    """Show the `macrl` logger's records on stderr for the duration of a command: warnings as
+    `prog: warning: ...`, info lines as they are (what the run is doing)."""
+    logger = logging.getLogger("macrl")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CommandFormatter(prog))
+    previous_level, previous_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # one copy of each line, whatever the caller's root logger does
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+        logger.propagate = previous_propagate
+
+
+def _close_progress_bars() -> None:
+    """A bar cut short by an error leaves the cursor mid-line: close the bars still open (tqdm's own registry of
+    them), so the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_command(
     prog: str,
     parser: argparse.ArgumentParser,
     run: Callable[[argparse.Namespace], object],
     argv: Sequence[str] | None,
-    usage_errors: tuple[type[Exception], ...],
     interrupted: str = "interrupted",
+    parse: Callable[[argparse.ArgumentParser, Sequence[str] | None], object] | None = None,
 ) -> int:
-    """Parse `argv` with `parser`, call `run` on the flags, and turn the errors into an exit code (module docstring)."""
+    """Parse `argv` with `parser` (or `parse(parser, argv)`), call `run` on the result, and turn the errors into an
+    exit code and one line (module docstring)."""
 
     def fail(message: str, code: int) -> int:
+        _close_progress_bars()
         print(f"{prog}: {message}", file=sys.stderr)
         return code
 
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # --help, or argparse's own usage error (already printed)
-        return int(exit_.code or 0)
-    except usage_errors as error:  # a flag type's own check
-        return fail(f"error: {first_line(error)}", 2)
-    try:
-        run(args)
-    except usage_errors as error:
-        return fail(f"error: {first_line(error)}", 2)
-    except UnreadableImageError as error:
-        return fail(f"error: {first_line(error)} (pass --skip-unreadable to skip such files)", 1)
-    except KeyboardInterrupt:
-        return fail(interrupted, 130)
-    return 0
+    with command_logging(prog):
+        try:
+            args = parse(parser, argv) if parse is not None else parser.parse_args(argv)
+        except SystemExit as exit_:  # --help, or a parser's own usage error (already printed)
+            return int(exit_.code or 0)
+        except InputError as error:  # a flag type's own check
+            return fail(f"error: {first_line(error)}", EXIT_USAGE)
+        try:
+            run(args)
+        except InputError as error:
+            return fail(f"error: {first_line(error)}", EXIT_USAGE)
+        except UnreadableImageError as error:
+            return fail(f"error: {first_line(error)} (pass --skip-unreadable to skip such files)", EXIT_FAILED)
+        except MACRLError as error:
+            return fail(f"error: {first_line(error)}", EXIT_FAILED)
+        except KeyboardInterrupt:
+            return fail(interrupted, EXIT_INTERRUPTED)
+    return EXIT_OK

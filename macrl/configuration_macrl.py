@@ -129,7 +129,7 @@ class MACRLConfig(PreTrainedConfig):
         # NaN passes every range check below (comparisons with NaN are False) and inf the one-sided ones: a NaN loss
         # weight or an infinite temperature or init std would only show up later, as NaN losses
         # (an int too large for a float overflows the float arithmetic of the checks and of the model the same way)
-        for field in set(MACRLConfig.__dataclass_fields__) - set(PreTrainedConfig.__dataclass_fields__):
+        for field in self.macrl_fields():
             value = getattr(self, field)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_finite(value):
                 fail(field, "must be a finite number")
@@ -196,6 +196,13 @@ class MACRLConfig(PreTrainedConfig):
             fail("pooling", f"must be one of {POOLINGS}")
         if self.hidden_act not in ACTIVATIONS:
             fail("hidden_act", f"must be one of {ACTIVATIONS}")
+
+    @classmethod
+    def macrl_fields(cls) -> list[str]:
+        """The fields MACRL adds to `PreTrainedConfig` (what defines the model and its training objective), in
+        declaration order; the generic ones (`output_hidden_states`, `id2label`...) are not among them."""
+        inherited = set(PreTrainedConfig.__dataclass_fields__)
+        return [name for name in cls.__dataclass_fields__ if name not in inherited]
 
     @property
     def num_patches(self) -> int:

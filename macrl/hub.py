@@ -1,8 +1,9 @@
-"""Pushing a saved MACRL encoder folder to the Hugging Face Hub (timm's `push_to_hf_hub` pattern).
+"""Pushing a saved model folder to the Hugging Face Hub (timm's `push_to_hf_hub` pattern).
 
-The folder is uploaded as it is (weights, config, code files, image processor, README.md), with two guards:
-pickled weights are never uploaded, and a README.md already in the repository is never replaced unless asked,
-so a card edited on the Hub survives a re-push. Hub failures become a `HubPushError` that says what to do.
+`push_folder` uploads a folder as it is (weights, config, code files, image processor, README.md), with two guards:
+pickled weights are never uploaded, and a README.md already in the repository is never replaced unless asked, so a
+card edited on the Hub survives a re-push. `push_encoder_to_hub` checks first that the folder is a saved MACRL model.
+Hub failures become a `HubPushError` that says what to do.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 
+from .errors import MACRLError
+
 try:  # huggingface_hub 2.x talks HTTP through httpx2 ...
     from httpx2 import TransportError
 except ImportError:  # pragma: no cover - ... and 1.x through httpx
@@ -32,8 +35,25 @@ PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 LOCAL_CACHE_PATTERNS = ["__pycache__/*", "*.pyc"]
 
 
-class HubPushError(RuntimeError):
+class HubPushError(MACRLError, RuntimeError):
     """A push to the Hub failed; the message names the repository and what to do, `__cause__` is the Hub error."""
+
+
+def validate_model_folder(folder: str | Path) -> Path:
+    """Check that `folder` holds a config.json and safetensors weights (`model.safetensors`).
+
+    Raises `FileNotFoundError` naming the folder and the missing file. Returns the folder as a `Path`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory: save the model there with save_pretrained() first")
+    for name in REQUIRED_FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {name}: save the model with save_pretrained() "
+                "(safetensors weights, never pickles) before pushing"
+            )
+    return folder
 
 
 def validate_encoder_folder(folder: str | Path) -> Path:
@@ -42,15 +62,7 @@ def validate_encoder_folder(folder: str | Path) -> Path:
     Raises `FileNotFoundError` for a missing folder or file and `ValueError` for a wrong or unreadable one, each
     naming the folder and the file. Returns the folder as a `Path`.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a directory: save the encoder there with save_pretrained() first")
-    for name in REQUIRED_FILES:
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder} has no {name}: save the encoder with MACRLModel.save_pretrained() "
-                "(safetensors weights, never pickles) before pushing"
-            )
+    folder = validate_model_folder(folder)
     try:
         model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
@@ -96,22 +108,22 @@ def _explain(error: Exception, repo_id: str, endpoint: str, revision: str | None
     return f"Pushing {repo_id} to {endpoint} failed: {error}"
 
 
-def push_encoder_to_hub(
+def push_folder(
     folder: str | Path,
     repo_id: str,
     *,
     private: bool = False,
     token: str | None = None,
     revision: str | None = None,
-    commit_message: str = "Upload MACRL encoder",
+    commit_message: str = "Upload model",
     overwrite_readme: bool = False,
     create_pr: bool = False,
 ) -> str:
-    """Upload a saved MACRL encoder folder to the Hub repository `repo_id` (created if needed); local files are
-    only read.
+    """Upload a saved model folder (config.json + model.safetensors) to the Hub repository `repo_id` (created if
+    needed); local files are only read, pickles are left out.
 
     Args:
-        folder: a `save_pretrained` folder (config.json with model_type "macrl", model.safetensors, ...).
+        folder: a `save_pretrained` folder.
         repo_id: `namespace/name` of the model repository.
         private: create the repository as private (an existing repository keeps its visibility).
         token: a Hub token; by default HF_TOKEN or the one saved by `hf auth login`.
@@ -125,10 +137,10 @@ def push_encoder_to_hub(
         The URL of the commit (or of the pull request with `create_pr=True`).
 
     Raises:
-        FileNotFoundError, ValueError: the folder is not a saved MACRL model (checked before any network call).
+        FileNotFoundError: the folder is not a saved model (checked before any network call).
         HubPushError: the Hub could not be reached or refused the push; the Hub error is its `__cause__`.
     """
-    folder = validate_encoder_folder(folder)
+    folder = validate_model_folder(folder)
     validate_repo_id(repo_id)  # a malformed id fails here, not as a puzzling HTTP error
     api = HfApi(token=token)
     try:
@@ -150,6 +162,12 @@ def push_encoder_to_hub(
     return commit.pr_url if create_pr and commit.pr_url else commit.commit_url
 
 
+def push_encoder_to_hub(folder: str | Path, repo_id: str, *, commit_message: str = "Upload MACRL encoder", **kwargs) -> str:
+    """`push_folder` of a saved MACRL encoder folder, checked first with `validate_encoder_folder` (`ValueError` for
+    a folder of another model or unreadable weights); the keyword arguments are `push_folder`'s."""
+    return push_folder(validate_encoder_folder(folder), repo_id, commit_message=commit_message, **kwargs)
+
+
 def repo_has_readme(repo_id: str, *, token: str | None = None, revision: str | None = None) -> bool:
     """Whether the Hub repository `repo_id` exists and has a README.md (a missing repository has none)."""
     api = HfApi(token=token)
@@ -159,4 +177,11 @@ def repo_has_readme(repo_id: str, *, token: str | None = None, revision: str | N
         raise HubPushError(_explain(error, repo_id, api.endpoint, revision)) from error
 
 
-__all__ = ["HubPushError", "push_encoder_to_hub", "repo_has_readme", "validate_encoder_folder"]
+__all__ = [
+    "HubPushError",
+    "push_encoder_to_hub",
+    "push_folder",
+    "repo_has_readme",
+    "validate_encoder_folder",
+    "validate_model_folder",
+]

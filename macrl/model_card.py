@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_macrl import MACRLConfig
+from .timm_layout import TIMM_LAYER_NORM_EPS, timm_vit_defaults, timm_vit_kwargs
 
 TEMPLATE_NAME = "macrl_encoder.md"
 CARD_TAGS = [
@@ -47,9 +48,8 @@ TRAINING_LABELS = {
 # `evaluation` keys; anything else is a typo the caller wants to hear about
 EVALUATION_KEYS = ("dataset_name", "dataset_type", "split", "metrics")
 METRIC_LABELS = {"knn_accuracy": "kNN accuracy", "linear_probe_accuracy": "Linear-probe accuracy"}
-# the activations MACRLConfig allows are all timm names, and timm's VisionTransformer defaults to these two
-TIMM_DEFAULT_ACTIVATION = "gelu"
-TIMM_DEFAULT_LAYER_NORM_EPS = 1e-6
+# the timm arguments a card always shows, defaults or not: they say what the model is
+_TIMM_SIZE_ARGUMENTS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 def template_text() -> str:
@@ -72,28 +72,17 @@ def encoder_parameter_count(config: MACRLConfig) -> int:
 
 
 def timm_model_kwargs(config: MACRLConfig) -> dict[str, str]:
-    """`timm.create_model` keyword arguments (as Python source) that rebuild this encoder in timm."""
+    """`timm.create_model` keyword arguments (as Python source) that rebuild this encoder in timm: the sizes, and
+    whatever else differs from timm's defaults."""
+    defaults = timm_vit_defaults()
     kwargs = {
-        "img_size": repr(config.image_size),
-        "patch_size": repr(config.patch_size),
-        "in_chans": repr(config.num_channels),
-        "embed_dim": repr(config.hidden_size),
-        "depth": repr(config.num_hidden_layers),
-        "num_heads": repr(config.num_attention_heads),
-        # the same float MACRLBlock computes, so timm's int(dim * mlp_ratio) gives the same MLP width
-        "mlp_ratio": repr(config.intermediate_size / config.hidden_size),
+        name: repr(value)
+        for name, value in timm_vit_kwargs(config).items()
+        if name in _TIMM_SIZE_ARGUMENTS or value != defaults.get(name)
     }
-    if not config.qkv_bias:
-        kwargs["qkv_bias"] = "False"
-    if config.hidden_act != TIMM_DEFAULT_ACTIVATION:
-        kwargs["act_layer"] = repr(config.hidden_act)
-    if config.layer_norm_eps != TIMM_DEFAULT_LAYER_NORM_EPS:
+    if config.layer_norm_eps != TIMM_LAYER_NORM_EPS:
         kwargs["norm_layer"] = f"functools.partial(torch.nn.LayerNorm, eps={config.layer_norm_eps!r})"
-    if config.pooling == "mean":
-        # MACRL normalises every token, then averages the patch tokens: timm's avg pool without its fc_norm
-        kwargs["global_pool"] = '"avg"'
-        kwargs["fc_norm"] = "False"
-    kwargs["num_classes"] = "0"  # no head: the model returns the pooled feature
+    kwargs["num_classes"] = kwargs.pop("num_classes")  # last, beside its comment in the template
     return kwargs
 
 

@@ -177,10 +177,10 @@ def test_pretraining_data_batches_fashion_mnist_and_not_folders(tmp_path: Path):
 
     for index in range(12):
         Image.new("L", (28 + index, 28), index * 20).save(tmp_path / f"{index}.png")
-    folder = _args(data=str(tmp_path), knn_eval=False)
+    folder = _args(data=str(tmp_path), knn=False)
     data = build_pretraining_data(folder, config, build_augmentation(folder, config))
     assert type(data.train) is TwoViewDataset and data.collator is None and data.augmentation.batched is False
-    forced = _args(data=str(tmp_path), knn_eval=False, augmentation='{"batched": true}')
+    forced = _args(data=str(tmp_path), knn=False, augmentation='{"batched": true}')
     with pytest.raises(ValueError, match="may differ in size"):
         build_pretraining_data(forced, config, build_augmentation(forced, config))
     assert len(data.train) == 12

@@ -13,25 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from macrl.conversion import CONVERTERS, common
+from macrl.conversion.common import KeyMismatchError, OutputMismatchError
+from macrl.conversion.convert_macrl_checkpoint_to_hf import convert_macrl_checkpoint
+from macrl.conversion.convert_macrl_to_timm import macrl_to_timm, timm_to_macrl
+from macrl.conversion.convert_mae_original_to_macrl import convert_mae_original
+from macrl.conversion.convert_mocov3_to_macrl import build_mlp, convert_mocov3, macrl_fields_from_mocov3
+from macrl.conversion.convert_vit_mae_to_macrl import convert_vit_mae, macrl_fields_from_vit_mae
 
-from conversion import common  # noqa: E402
-from conversion.common import KeyMismatchError, OutputMismatchError  # noqa: E402
-from conversion.convert_macrl_checkpoint_to_hf import convert_macrl_checkpoint  # noqa: E402
-from conversion.convert_macrl_to_timm import macrl_to_timm, timm_to_macrl  # noqa: E402
-from conversion.convert_mae_original_to_macrl import convert_mae_original  # noqa: E402
-from conversion.convert_mocov3_to_macrl import build_mlp, convert_mocov3, macrl_fields_from_mocov3  # noqa: E402
-from conversion.convert_vit_mae_to_macrl import convert_vit_mae, macrl_fields_from_vit_mae  # noqa: E402
-
-SCRIPTS = [
-    "convert_macrl_checkpoint_to_hf.py",
-    "convert_vit_mae_to_macrl.py",
-    "convert_mae_original_to_macrl.py",
-    "convert_mocov3_to_macrl.py",
-    "convert_macrl_to_timm.py",
-]
 SMALL_HEADS = dict(projection_dim=16, projector_hidden_size=32, predictor_hidden_size=32)
 SMALL_DECODER = dict(
     decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32
@@ -315,7 +304,7 @@ def test_mae_original_with_mismatched_keys_raises(tmp_path, tiny_config):
     assert error.value.unexpected == ["blocks.0.attn.qkv_fused.weight"]
     state_dict["module.head.weight"] = torch.zeros(10, 32)  # a fine-tuned classifier
     torch.save({"model": state_dict}, tmp_path / "mae.pth")
-    with pytest.raises(KeyMismatchError, match=r"head\.weight.*\n.*fine-tuned"):
+    with pytest.raises(KeyMismatchError, match=r"head\.weight.*; hint: .*fine-tuned"):
         convert_mae_original(tmp_path / "mae.pth", None, num_attention_heads=2)
 
 
@@ -489,30 +478,31 @@ def test_timm_reverse_from_bare_weights_and_incompatible_models(tmp_path):
 # command lines and the Hub
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_script_help(script):
+@pytest.mark.parametrize("kind", CONVERTERS)
+def test_converter_help(kind):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "conversion" / script), "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "macrl.convert", kind, "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage:") and "--push-to-hub" in result.stdout and "--atol" in result.stdout
+    assert result.stdout.startswith(f"usage: macrl-convert {kind}") and "--push-to-hub" in result.stdout
+    assert "--atol" in result.stdout and "--private" in result.stdout
 
 
-# runs each script file as __main__ with its own argv, as `python conversion/X.py ARGS` does, in one interpreter so
-# torch, transformers and timm are imported once
+def test_convert_command_lists_the_kinds_and_refuses_others(capsys):
+    from macrl.convert import main
+
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"  {kind} " in listing for kind in CONVERTERS), listing
+    assert main(["onnx"]) == 2
+    assert capsys.readouterr().err.startswith("macrl-convert: error: unknown KIND 'onnx'")
+
+
+# runs `macrl-convert KIND ARGS` for each job in one interpreter, so torch, transformers and timm are imported once
 DRIVER = """
-import json, os, runpy, sys
-results = []
-for script, argv in json.loads(sys.argv[1]):
-    sys.argv = [script, *argv]
-    sys.path[0] = os.path.dirname(script)
-    try:
-        runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    results.append(code)
-print("EXIT CODES", json.dumps(results))
+import json, sys
+from macrl.convert import main
+print("EXIT CODES", json.dumps([main([kind, *argv]) for kind, argv in json.loads(sys.argv[1])]))
 """
 
 
@@ -537,23 +527,26 @@ def test_scripts_convert_from_the_command_line(tmp_path, tiny_config):
     heads = ["--num-attention-heads", "2"]
     decoder_heads = ["--decoder-num-attention-heads", "2"]
     jobs = [
-        ("convert_vit_mae_to_macrl.py", [tmp_path / "vit-mae", tmp_path / "out-vit-mae", *small]),
-        ("convert_mae_original_to_macrl.py", [tmp_path / "mae.pth", tmp_path / "out-mae", *heads, *decoder_heads, *small]),
-        ("convert_mocov3_to_macrl.py", [tmp_path / "moco.pth.tar", tmp_path / "out-moco", *heads, *small_decoder]),
-        ("convert_macrl_checkpoint_to_hf.py", [tmp_path / "run", tmp_path / "encoder"]),
-        ("convert_macrl_to_timm.py", [tmp_path / "encoder", tmp_path / "timm"]),
-        ("convert_macrl_to_timm.py", ["--reverse", tmp_path / "timm", tmp_path / "back"]),
-        ("convert_macrl_checkpoint_to_hf.py", [tmp_path / "bad", tmp_path / "never"]),
+        ("vit-mae", [tmp_path / "vit-mae", tmp_path / "out-vit-mae", *small]),
+        ("mae", [tmp_path / "mae.pth", tmp_path / "out-mae", *heads, *decoder_heads, *small]),
+        ("mocov3", [tmp_path / "moco.pth.tar", tmp_path / "out-moco", *heads, *small_decoder]),
+        ("checkpoint", [tmp_path / "run", tmp_path / "encoder"]),
+        ("timm", [tmp_path / "encoder", tmp_path / "timm"]),
+        ("timm", ["--reverse", tmp_path / "timm", tmp_path / "back"]),
+        ("checkpoint", [tmp_path / "bad", tmp_path / "never"]),
+        ("checkpoint", [tmp_path / "no-such-run", tmp_path / "never"]),
     ]  # fmt: skip
-    payload = json.dumps([[str(ROOT / "conversion" / script), [str(a) for a in argv]] for script, argv in jobs])
+    payload = json.dumps([[kind, [str(a) for a in argv]] for kind, argv in jobs])
     env = {**os.environ, "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, "-c", DRIVER, payload], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
     )
     codes_line = [line for line in result.stdout.splitlines() if line.startswith("EXIT CODES")]
     assert codes_line, result.stdout + result.stderr
-    assert json.loads(codes_line[-1].removeprefix("EXIT CODES")) == [0, 0, 0, 0, 0, 0, 1], result.stdout + result.stderr
-    assert "error: " in result.stderr and "macrl.norm.bias" in result.stderr
+    assert json.loads(codes_line[-1].removeprefix("EXIT CODES")) == [0, 0, 0, 0, 0, 0, 2, 2], result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("macrl-convert checkpoint: error: ")]
+    assert len(errors) == 2 and "macrl.norm.bias" in errors[0] and "no-such-run" in errors[1], result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "never").exists()
 
     for name in ("out-vit-mae", "out-mae", "out-moco"):
@@ -571,7 +564,7 @@ def test_push_to_hub_then_load_with_timm_from_the_hub(hub_server, tmp_path, tiny
     import timm
     from huggingface_hub import HfApi
 
-    from conversion import convert_macrl_to_timm
+    from macrl.conversion import convert_macrl_to_timm
     from macrl import MACRLModel
 
     torch.manual_seed(0)

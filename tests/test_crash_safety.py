@@ -24,12 +24,12 @@ import pytest
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from macrl.pretrain import main
-from macrl.training import trainer as trainer_module
-from macrl.training.trainer import STAGING_DIR, IncompleteCheckpointError, MACRLPretrainer, checkpoint_problem
+from macrl.training.checkpoints import STAGING_DIR, AtomicCheckpoints, CheckpointError, checkpoint_problem
+from macrl.training.trainer import MACRLPretrainer
 
 ARGS = [
     "--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--save-steps", "4",
-    "--limit-images", "48", "--knn-eval", "false", "--seed", "3",
+    "--limit-images", "48", "--no-knn", "--seed", "3",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 1200  # a hung run fails the test instead of blocking CI (generous: CI machines can be slow)
@@ -355,7 +355,7 @@ def test_checkpoint_problem_names_each_kind_of_damage(tmp_path, reference):
         assert checkpoint_problem(folder).startswith(problem), problem
         # the trainer itself refuses it too (for code that drives MACRLPretrainer without macrl-pretrain), before
         # touching anything: the stock Trainer would resume with a fresh optimizer or fail with a bare traceback
-        with pytest.raises(IncompleteCheckpointError, match=f"is not a complete checkpoint \\({problem}"):
+        with pytest.raises(CheckpointError, match=f"is not a complete checkpoint \\({problem}"):
             MACRLPretrainer.train(SimpleNamespace(), resume_from_checkpoint=str(folder))
 
 
@@ -425,7 +425,7 @@ def test_rotation_never_leaves_a_half_deleted_checkpoint(tmp_path, reference, mo
             patch.setattr(shutil, "rmtree", killed_while_deleting)
             with pytest.raises(KeyboardInterrupt):
                 if rotate == "macrl":
-                    trainer_module._rotate_checkpoints(str(checkpoints), str(checkpoints / STAGING_DIR), 1)
+                    AtomicCheckpoints(checkpoints, save_total_limit=1)._rotate(checkpoints / STAGING_DIR)
                 else:
                     rotate_checkpoints(str(checkpoints), save_total_limit=1)
         visible = sorted(p.name for p in checkpoints.glob("checkpoint-*"))

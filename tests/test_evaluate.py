@@ -17,14 +17,9 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from macrl import MACRLConfig, MACRLForImageClassification, MACRLImageProcessor, MACRLModel
-from macrl.data import FashionMNISTSource, load_fashion_mnist
-from macrl.evaluate import (
-    evaluate_encoder,
-    extract_pooled_features,
-    holdout_split,
-    limit_source,
-    main,
-)
+from macrl.data import FashionMNISTSource, SubsetSource, holdout_split, limit_source, load_fashion_mnist
+from macrl.evaluate import main
+from macrl.evaluation import evaluate_encoder, extract_pooled_features
 from macrl.evaluation.finetune import (
     FinetuneDataset,
     build_finetune_trainer,
@@ -33,7 +28,6 @@ from macrl.evaluation.finetune import (
     layer_id,
 )
 from macrl.model_card import render_model_card, write_model_card
-from macrl.training.data import SubsetSource
 
 NUM_TRAIN, NUM_TEST = 400, 200
 

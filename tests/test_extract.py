@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from macrl import MACRLConfig, MACRLImageProcessor, MACRLModel
 from macrl.data import ImageFolderSource, load_fashion_mnist
-from macrl.extract import ExtractionResult, extract_features, main
+from macrl.extract import main
+from macrl.feature_extraction import ExtractionResult, extract_features
 from macrl.precision import cpu_runs_bf16_fast
 
 CLASSES = ["Trouser", "T-shirt_top", "Pullover"]  # folder names; sorted -> Pullover, T-shirt_top, Trouser
@@ -68,7 +69,7 @@ def model_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model_folder, image_folder) -> tuple[list[str], list[int], torch.Tensor, torch.Tensor]:
-    """Expected ids and labels (built from the files, not from macrl.extract) and the model's own outputs."""
+    """Expected ids and labels (built from the files, not from macrl.feature_extraction) and the model's own outputs."""
     files = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*") if p.is_file())
     class_names = sorted(CLASSES)
     labels = [class_names.index(f.split("/")[0]) for f in files]
@@ -267,7 +268,7 @@ def test_interrupted_write_leaves_no_output(model_folder, image_folder, tmp_path
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("macrl.extract.save_file", write_half_then_interrupt)
+    monkeypatch.setattr("macrl.feature_files.save_file", write_half_then_interrupt)
     code, _, err = _run(capsys, "--model", model_folder, "--data", image_folder, "--output", tmp_path / "f.safetensors")
     assert code == 130 and "no output written" in err
     assert _only_output_files(tmp_path) == []

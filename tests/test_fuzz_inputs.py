@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import AutoConfig
 
 from macrl import MACRLConfig, MACRLImageProcessor, MACRLModel
 from macrl.data import ImageFolderSource, UnreadableImageError, open_image
@@ -50,6 +50,13 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
 )
 PIXEL_LIMIT = 48 * 48  # Image.MAX_IMAGE_PIXELS during the image tests, so real files can cross it
+
+
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every fuzz case runs in a temporary working folder: a relative path that a case writes (a config.json, a
+    weights file) lands there, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 @contextlib.contextmanager
@@ -283,7 +290,7 @@ TINY = dict(
     intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
     decoder_intermediate_size=32, projection_dim=16, projector_hidden_size=32, predictor_hidden_size=32,
 )
-OWN_FIELDS = sorted(set(MACRLConfig.__dataclass_fields__) - set(PreTrainedConfig.__dataclass_fields__))
+OWN_FIELDS = sorted(MACRLConfig.macrl_fields())
 FLOAT_FIELDS = [f for f in OWN_FIELDS if MACRLConfig.__dataclass_fields__[f].type in (float, float | int)]
 INT_FIELDS = [f for f in OWN_FIELDS if MACRLConfig.__dataclass_fields__[f].type is int]
 NON_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf"), 10**400, -(10**400)])

@@ -228,7 +228,7 @@ def test_timm_code_matches_every_architecture_option(hub_server, tiny_config, tm
     repo_id = "tester/macrl-mean"
     _upload(folder, repo_id)
     timm_block = _python_blocks(_section(render_model_card(config, repo_id=repo_id), "How to use"))[-1]
-    for argument in ('global_pool="avg"', "fc_norm=False", "qkv_bias=False", "act_layer='gelu_tanh'", "eps=1e-05"):
+    for argument in ("global_pool='avg'", "fc_norm=False", "qkv_bias=False", "act_layer='gelu_tanh'", "eps=1e-05"):
         assert argument in timm_block, argument
     namespace = {"__name__": "__main__"}
     exec(compile(timm_block, "<model card>", "exec"), namespace)

@@ -42,7 +42,7 @@ def test_warning_names_the_flag_and_the_cpu_only_where_bf16_is_slow():
 def test_pretrain_with_bf16_warns_on_a_slow_cpu_and_still_trains(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--max-steps", "1", "--limit-images", "16",
-            "--knn-eval", "false", "--output-dir", str(out), "--bf16"]
+            "--no-knn", "--output-dir", str(out), "--bf16"]
     assert pretrain_main(argv) == 0
     err = capsys.readouterr().err
     assert ("macrl-pretrain: warning: --bf16: this CPU" in err) == (not cpu_runs_bf16_fast()), err

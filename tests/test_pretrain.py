@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
 from macrl.data import load_fashion_mnist
-from macrl.pretrain import build_training_arguments, main, steady_step_seconds
+from macrl.pretrain import build_parser, main
 from macrl.presets import load_config
-from macrl.training.arguments import build_parser
+from macrl.training.budget import steady_step_seconds
+from macrl.training.trainer import build_training_arguments
 
 # a few seconds per run: the tiny preset on a few dozen Fashion-MNIST images
 FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--eval-images", "40"]
@@ -81,7 +82,7 @@ def test_image_folder_data_and_held_out_classes(tmp_path, image_folder):
 
 def test_augmentation_flag_changes_the_views(tmp_path):
     """--augmentation reaches the transforms (recorded in results.json) and a different crop gives different losses."""
-    args = [*FAST, "--max-steps", "2", "--limit-images", "32", "--knn-eval", "false"]
+    args = [*FAST, "--max-steps", "2", "--limit-images", "32", "--no-knn"]
     assert _run(*args, "--output-dir", tmp_path / "default") == 0
     changed = '{"strong_crop_scale": [0.9, 1.0], "blur_prob": 0}'
     assert _run(*args, "--output-dir", tmp_path / "changed", "--augmentation", changed) == 0
@@ -95,7 +96,7 @@ def test_augmentation_flag_changes_the_views(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    args = [*FAST, "--max-steps", "6", "--save-steps", "3", "--limit-images", "48", "--knn-eval", "false"]
+    args = [*FAST, "--max-steps", "6", "--save-steps", "3", "--limit-images", "48", "--no-knn"]
     assert _run(*args, "--output-dir", tmp_path / "full") == 0
     # an interrupted run: only the step-3 checkpoint survived
     interrupted = tmp_path / "interrupted" / "checkpoints"
@@ -141,16 +142,23 @@ def test_empty_folder_and_corrupt_images(tmp_path, capsys, image_folder):
     shutil.copytree(image_folder, broken)
     bad = broken / "class_0" / "zz_truncated.png"
     bad.write_bytes((broken / "class_0" / "019.png").read_bytes()[:40])
-    args = [*FAST, "--data", broken, "--max-steps", "4", "--knn-eval", "false", "--limit-images", "64"]
-    assert _run(*args, "--output-dir", tmp_path / "b") == 2
-    assert str(bad) in capsys.readouterr().err
+    args = [*FAST, "--data", broken, "--max-steps", "4", "--no-knn", "--limit-images", "64"]
+    assert _run(*args, "--output-dir", tmp_path / "b") == 1  # a failure while working, as in macrl-extract
+    err = capsys.readouterr().err
+    assert str(bad) in err and "--skip-unreadable" in err
+    # decoded in a DataLoader worker, the error is still one line, not the worker's traceback
+    assert _run(*args, "--num-workers", "1", "--output-dir", tmp_path / "w") == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("macrl-pretrain:")]
+    assert len(lines) == 1 and lines[0].startswith(f"macrl-pretrain: error: Cannot read image {bad}"), err
+    assert "Traceback" not in err
     assert _run(*args, "--output-dir", tmp_path / "c", "--skip-unreadable") == 0
-    assert "skipping 1 unreadable images" in capsys.readouterr().out
+    assert "skipping 1 unreadable images" in capsys.readouterr().err
 
 
 def test_refuses_to_overwrite_or_mix_runs(tmp_path, capsys):
     out = tmp_path / "run"
-    args = [*FAST, "--output-dir", out, "--max-steps", "2", "--limit-images", "32", "--knn-eval", "false"]
+    args = [*FAST, "--output-dir", out, "--max-steps", "2", "--limit-images", "32", "--no-knn"]
     assert _run(*args) == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert _run(*args) == 2
@@ -180,7 +188,7 @@ def _loss_log(out: Path) -> list[float]:
 def test_two_processes_match_one_process(tmp_path):
     """torchrun with 2 gloo processes (8 images each) logs the losses of 1 process with the same 16-image batch."""
     common = [
-        "-m", "macrl.pretrain", *FAST, "--max-steps", "3", "--limit-images", "48", "--knn-eval", "false",
+        "-m", "macrl.pretrain", *FAST, "--max-steps", "3", "--limit-images", "48", "--no-knn",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
@@ -209,7 +217,7 @@ def test_push_keeps_a_card_the_repo_already_had(tmp_path, hub_server):
     api.create_repo("tester/has-card")
     api.upload_file(path_or_fileobj=b"# my own card\n", path_in_repo="README.md", repo_id="tester/has-card")
     args = [*FAST, "--output-dir", tmp_path / "run", "--max-steps", "2", "--limit-images", "32"]
-    assert _run(*args, "--push-to-hub", "tester/has-card", "--knn-eval", "false") == 0
+    assert _run(*args, "--push-to-hub", "tester/has-card", "--no-knn") == 0
     assert Path(hf_hub_download("tester/has-card", "README.md")).read_text() == "# my own card\n"
     assert Path(hf_hub_download("tester/has-card", "model.safetensors")).read_bytes() == (
         tmp_path / "run" / "encoder" / "model.safetensors"
@@ -241,7 +249,9 @@ def test_datasets_dataset_as_data(tmp_path):
 )
 def test_learning_rate_default_follows_the_preset(tmp_path, flags, learning_rate):
     (args,) = build_parser().parse_args_into_dataclasses(flags)
-    training_args = build_training_arguments(args, tmp_path, max_steps=10, config=load_config(args.config))
+    training_args = build_training_arguments(
+        args, tmp_path, max_steps=10, config=load_config(args.config), device=torch.device("cpu")
+    )
     assert training_args.learning_rate == pytest.approx(learning_rate)
 
 
@@ -257,7 +267,7 @@ def test_step_time_ignores_the_slow_first_steps():
 def test_max_minutes_on_fewer_batches_than_the_probe_times(tmp_path):
     # 48 images are 3 batches of 16: the step-time probe reuses them instead of running out of data
     out = tmp_path / "run"
-    args = [*FAST, "--output-dir", out, "--max-minutes", "0.05", "--limit-images", "48", "--knn-eval", "false"]
+    args = [*FAST, "--output-dir", out, "--max-minutes", "0.05", "--limit-images", "48", "--no-knn"]
     assert _run(*args) == 0
     state = json.loads(next(out.glob("checkpoints/checkpoint-*/trainer_state.json")).read_text())
     assert state["max_steps"] >= 1

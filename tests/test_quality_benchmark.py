@@ -23,7 +23,7 @@ def test_a_run_cut_short_continues_from_its_checkpoint(tmp_path):
     quality = _load_quality_benchmark()
     run_dir = tmp_path / "macrl-0.1min-seed0"
     # the run the benchmark started, killed after its step-3 checkpoint: 6 steps = 0.1 min / 1 s a step
-    flags = [*FAST, "--max-steps", "6", "--save-steps", "3", "--knn-eval", "false", "--seed", "0"]
+    flags = [*FAST, "--max-steps", "6", "--save-steps", "3", "--no-knn", "--seed", "0"]
     assert pretrain([*flags, "--output-dir", str(run_dir)]) == 0
     for finished in ("results.json", "model.safetensors", "encoder", "logs", "checkpoints/checkpoint-6"):
         path = run_dir / finished

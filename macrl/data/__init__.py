@@ -6,6 +6,9 @@ Sources (all implement ``ImageSource``):
     ``HFDatasetSource``     a Hugging Face ``datasets`` dataset (optional dependency,
                             imported only when used).
 
+Opening ``--data``: ``open_source`` / ``open_train_and_test`` (``macrl.data.open_data``), the one resolver every
+command uses; subsets and the one held-out split: ``macrl.data.splits``.
+
 Datasets: ``TwoViewDataset`` (pre-training, per-image views), ``BatchedTwoViewDataset`` + ``TwoViewCollator``
 (pre-training, views per batch, for images of one size) and ``EvalDataset``.
 """
@@ -34,13 +37,18 @@ from macrl.data.image_folder import (
     UnreadableImageError,
     open_image,
 )
+from macrl.data.open_data import DataError, DataSplits, looks_like_hub_id, open_source, open_train_and_test
 from macrl.data.sources import ImageSource
+from macrl.data.splits import HOLDOUT_FRACTION, SubsetSource, holdout_count, holdout_split, limit_source
 from macrl.data.two_view_dataset import EvalDataset, TwoViewDataset, derive_sample_seeds
 
 __all__ = [
+    "HOLDOUT_FRACTION",
     "AugmentationConfig",
     "BatchAugmentation",
     "BatchedTwoViewDataset",
+    "DataError",
+    "DataSplits",
     "EvalDataset",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
@@ -52,6 +60,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderSource",
     "ImageSource",
+    "SubsetSource",
     "TwoViewCollator",
     "TwoViewDataset",
     "UnreadableImageError",
@@ -59,6 +68,12 @@ __all__ = [
     "build_strong_transform",
     "build_weak_transform",
     "derive_sample_seeds",
+    "holdout_count",
+    "holdout_split",
+    "limit_source",
     "load_fashion_mnist",
+    "looks_like_hub_id",
     "open_image",
+    "open_source",
+    "open_train_and_test",
 ]

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from macrl.errors import InputError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 FASHION_MNIST_CLASSES: list[str] = [
@@ -49,7 +51,7 @@ _INSTALL_HINT = (
 )
 
 
-class FashionMNISTNotFoundError(FileNotFoundError):
+class FashionMNISTNotFoundError(InputError, FileNotFoundError):
     """A Fashion-MNIST IDX file is missing; the message says how to get it."""
 
 

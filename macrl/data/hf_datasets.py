@@ -36,7 +36,8 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder that `Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote."""
     return path.is_dir() and any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS)
 
 
@@ -98,7 +99,7 @@ class HFDatasetSource:
         self.split = split
         self.name = f"{name_or_path}[{split}]"
 
-        if _is_saved_dataset(Path(name_or_path)):
+        if is_saved_dataset(Path(name_or_path)):
             loaded = datasets.load_from_disk(str(name_or_path))
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:

@@ -13,6 +13,7 @@ from typing import IO
 
 from PIL import Image, ImageOps
 
+from ..errors import MACRLError
 from ..image_processing_macrl import convert_image_mode
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -27,8 +28,8 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class UnreadableImageError(ValueError):
-    """An image file cannot be decoded; the message names the file and the cause."""
+class UnreadableImageError(MACRLError, ValueError):
+    """An image cannot be decoded; the message names the file (or dataset row, or shard and key) and the cause."""
 
 
 def open_image(path: str | Path, mode: str) -> Image.Image:

@@ -1,10 +1,27 @@
-"""Feature-level evaluation of frozen backbones: weighted kNN and linear probe.
+"""Evaluation of MACRL encoders.
 
-Both work on cached ``[N, D]`` feature tensors, so a backbone is run once over
-the data and the (cheap) classifiers are fitted afterwards.
+* ``knn`` and ``linear_probe``: classifiers fitted on cached ``[N, D]`` frozen features, so a backbone is run once over
+  the data and the (cheap) classifiers are fitted afterwards;
+* ``frozen_features``: ``evaluate_encoder`` runs an encoder over labelled images and reports both, per pooling;
+* ``finetune``: end-to-end fine-tuning with ``transformers.Trainer``;
+* ``labels``: what every evaluation checks of its images.
 """
 
+from .frozen_features import POOLS, evaluate_encoder, evaluate_features, extract_pooled_features
 from .knn import knn_accuracy, weighted_knn_predict
+from .labels import EvaluationDataError, check_labelled, num_classes_of
 from .linear_probe import LinearProbeResult, linear_probe
 
-__all__ = ["weighted_knn_predict", "knn_accuracy", "LinearProbeResult", "linear_probe"]
+__all__ = [
+    "POOLS",
+    "EvaluationDataError",
+    "LinearProbeResult",
+    "check_labelled",
+    "evaluate_encoder",
+    "evaluate_features",
+    "extract_pooled_features",
+    "knn_accuracy",
+    "linear_probe",
+    "num_classes_of",
+    "weighted_knn_predict",
+]

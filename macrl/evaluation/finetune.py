@@ -19,10 +19,10 @@ The fine-tuned model is saved (safetensors, with the image processor) to ``outpu
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from torchvision.transforms import v2
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from ..data import ImageSource
+from ..loading import load_image_processor
+from .labels import EvaluationDataError, check_labelled
 
 __all__ = [
     "FinetuneDataset",
@@ -51,6 +53,7 @@ TRAIN_CROP_SCALE = (0.5, 1.0)
 # parameters without weight decay besides the 1-D ones (biases, LayerNorm weights)
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+logger = logging.getLogger(__name__)
 _EMBEDDING = re.compile(r"(?:^|\.)(cls_token|pos_embed|patch_embed)(?:\.|$)")
 
 
@@ -79,7 +82,7 @@ class FinetuneDataset(Dataset):
 
     def __init__(self, source: ImageSource, processor: Any, train: bool) -> None:
         if source.labels is None:
-            raise ValueError(f"{source.name} has no labels; fine-tuning needs labelled images")
+            raise EvaluationDataError(f"{source.name} has no labels; fine-tuning needs labelled images")
         self.source = source
         self.processor = processor
         self.train = train
@@ -189,16 +192,6 @@ def _argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if isinstance(logits, tuple):
         logits = logits[0]
     return logits.argmax(dim=-1)
-
-
-def _check_labels(source: ImageSource, num_classes: int, role: str) -> None:
-    if source.labels is None:
-        raise ValueError(f"{role} images {source.name} have no labels; fine-tuning needs labelled images")
-    if len(source) == 0:
-        raise ValueError(f"{role} images {source.name} are empty")
-    bad = [label for label in source.labels if not 0 <= label < num_classes]
-    if bad:
-        raise ValueError(f"{role} images {source.name} have label {bad[0]} outside [0, {num_classes})")
 
 
 def _class_names(train_source: ImageSource, test_source: ImageSource) -> list[str]:
@@ -325,15 +318,14 @@ def finetune(
         over the run), ``finetune_losses`` (the logged training losses, in order), ``finetune_steps``,
         ``finetune_epochs``, ``finetune_seconds`` and ``finetune_output_dir``.
     """
-    from .. import MACRLForImageClassification, MACRLImageProcessor
+    from .. import MACRLForImageClassification
 
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
     started = time.monotonic()
     class_names = _class_names(train_source, test_source)
     num_classes = len(class_names)
-    _check_labels(train_source, num_classes, "training")
-    _check_labels(test_source, num_classes, "test")
+    check_labelled(train_source, test_source, num_classes=num_classes)
     id2label = {i: name for i, name in enumerate(class_names)}
     from transformers.utils import logging as transformers_logging
 
@@ -355,17 +347,11 @@ def finetune(
         transformers_logging.set_verbosity(verbosity)
     missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith("classifier."))
     if missing:
-        warnings.warn(
-            f"{model_name_or_path}: {len(missing)} encoder weights were not in the checkpoint and are randomly "
-            f"initialised, e.g. {missing[0]}",
-            stacklevel=2,
+        logger.warning(
+            "%s: %d encoder weights were not in the checkpoint and are randomly initialised, e.g. %s",
+            model_name_or_path, len(missing), missing[0],
         )
-    from transformers import AutoImageProcessor
-
-    try:
-        processor = AutoImageProcessor.from_pretrained(str(model_name_or_path), revision=revision)
-    except (OSError, ValueError):
-        processor = MACRLImageProcessor.from_model_config(model.config)
+    processor = load_image_processor(model_name_or_path, model.config, revision)
 
     trainer = build_finetune_trainer(
         model, processor, train_source, test_source,

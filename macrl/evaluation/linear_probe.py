@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .knn import _check_features, _check_labels, _check_num_classes, _check_same_dim
+from .labels import EvaluationDataError
 
 __all__ = ["LinearProbeResult", "linear_probe"]
 
@@ -233,7 +234,7 @@ def linear_probe(
     num_train = train_features.shape[0]
     num_val = round(val_fraction * num_train)
     if num_val < 1 or num_val >= num_train:
-        raise ValueError(
+        raise EvaluationDataError(
             f"val_fraction={val_fraction} of {num_train} training rows leaves "
             f"{num_val} validation and {num_train - num_val} fitting rows; both must be >= 1"
         )

@@ -1,15 +1,15 @@
-"""Command-line arguments of `macrl-pretrain`: one dataclass, parsed by transformers' `HfArgumentParser`."""
+"""The settings of a pre-training run: one dataclass, which `macrl-pretrain` parses with transformers'
+`HfArgumentParser` (every field a flag, in hyphens or underscores) and `run_pretraining` takes."""
 
 import json
-from dataclasses import dataclass, field, fields
-
-from transformers import HfArgumentParser
+from dataclasses import dataclass, field
 
 from ..data.augmentations import AugmentationConfig
+from ..devices import DEVICE_CHOICES
 
 
 def _flag(default, help: str, **kwargs):
-    """A dataclass field whose help `--help` prints; the hyphenated alias is added below the class."""
+    """A dataclass field whose help `--help` prints."""
     return field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -51,10 +51,10 @@ class PretrainingArguments:
     save_total_limit: int = _flag(2, "Keep only the newest this many checkpoints.")
     logging_steps: int = _flag(20, "Log (terminal, JSONL) every this many steps.")
     push_to_hub: str | None = _flag(None, "Hub repo id (org/name) to upload encoder/ to at the end.")
-    hub_private: bool = _flag(False, "Create the Hub repo as private.")
+    private: bool = _flag(False, "Create the Hub repo as private.", aliases=["--hub-private", "--hub_private"])
     push_checkpoints: bool = _flag(False, "With --push-to-hub, also upload encoder/ at every checkpoint.")
     num_workers: int = _flag(1, "Data-loading worker processes per training process.")
-    device: str = _flag("auto", "auto, cpu, cuda or mps.")
+    device: str = _flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps.", choices=DEVICE_CHOICES)
     bf16: bool = _flag(
         False, "Train under bfloat16 autocast (recent GPUs; CPUs with AVX512 or AMX: on AVX2 it is ~17x slower)."
     )
@@ -75,7 +75,11 @@ class PretrainingArguments:
     label_column: str | None = _flag(None, "Label column of a `datasets` dataset (default: detected).")
     limit_images: int | None = _flag(None, "Train on the first N images only (smoke tests, quick looks).")
     skip_unreadable: bool = _flag(False, "Skip unreadable image files (listed at the start) instead of stopping.")
-    knn_eval: bool = _flag(True, "Evaluate the encoder with a weighted kNN classifier at the end (needs labels).")
+    knn: bool = _flag(
+        True,
+        "Evaluate the encoder with a weighted kNN classifier at the end (needs labels); --no-knn to skip it.",
+        aliases=["--knn-eval", "--knn_eval"],
+    )
     eval_images: int = _flag(10000, "At most this many held-out images for the kNN evaluation and pictures.")
 
     def config_changes(self) -> dict:
@@ -95,18 +99,3 @@ class PretrainingArguments:
         if unknown:
             raise ValueError(f"unknown fields {unknown}")
         return changes
-
-
-# every flag also answers to its hyphenated spelling (--batch-size as well as --batch_size)
-for _field in fields(PretrainingArguments):
-    if "_" in _field.name:
-        _field.metadata = {**_field.metadata, "aliases": [f"--{_field.name.replace('_', '-')}"]}
-
-
-def build_parser() -> HfArgumentParser:
-    """`HfArgumentParser` of `PretrainingArguments`."""
-    return HfArgumentParser(
-        PretrainingArguments,
-        prog="macrl-pretrain",
-        description="Pre-train a MACRL encoder (masked reconstruction + MoCo v3 contrast) and export it.",
-    )

@@ -1,17 +1,17 @@
-"""Trainer callbacks of the pre-training loop: momentum EMA, data epoch, time budget and the JSONL log."""
+"""Trainer callbacks of the pre-training loop: momentum EMA, data epoch, the JSONL log, checkpoint pushes."""
 
 import json
+import logging
 import math
 import os
-import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..data import TwoViewDataset
-from ..distributed import is_distributed
+from ..errors import first_line
+
+logger = logging.getLogger(__name__)
 
 
 class MomentumUpdateCallback(TrainerCallback):
@@ -33,26 +33,6 @@ class DataEpochCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is fractional (e.g. 2.5 after resuming mid-epoch); the small offset absorbs float error
         self.dataset.set_epoch(math.floor(state.epoch + 1e-6))
-
-
-class TimeBudgetCallback(TrainerCallback):
-    """Stops training, with a final checkpoint, once `max_minutes` of training have passed.
-
-    Every process must stop at the same step, so rank 0's clock decides for all of them.
-    """
-
-    def __init__(self, max_minutes: float):
-        self.deadline = time.monotonic() + max_minutes * 60
-        self.stopped_early = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        over = torch.tensor(int(time.monotonic() > self.deadline))
-        if is_distributed():
-            dist.broadcast(over, src=0)
-        if over.item() and state.global_step < state.max_steps:
-            self.stopped_early = True
-            control.should_training_stop = True
-            control.should_save = True
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -105,4 +85,4 @@ class PushCheckpointCallback(TrainerCallback):
             self.export_and_push(model, state.global_step)
             self.pushed.append(state.global_step)
         except Exception as error:  # noqa: BLE001 - any Hub failure must not end a long run
-            print(f"macrl-pretrain: warning: pushing the step-{state.global_step} encoder failed: {error}")
+            logger.warning("pushing the step-%d encoder failed: %s", state.global_step, first_line(error))

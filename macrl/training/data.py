@@ -2,25 +2,22 @@
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 from ..configuration_macrl import MACRLConfig
 from ..data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    HOLDOUT_FRACTION,
     AugmentationConfig,
-    FashionMNISTSource,
-    HFDatasetSource,
-    ImageFolderSource,
     BatchedTwoViewDataset,
+    DataError,
     ImageSource,
+    SubsetSource,
     TwoViewCollator,
     TwoViewDataset,
     build_strong_transform,
     build_weak_transform,
+    open_train_and_test,
 )
 
 
@@ -28,27 +25,6 @@ from ..data import (
 # both views, and no blur keeps its few pixels of texture. Together +1.7 kNN points in the tuning runs
 # (benchmarks/results/quality/tuning-4min.md).
 FASHION_MNIST_AUGMENTATION: dict = dict(strong_crop_scale=(0.5, 1.0), weak_crop_scale=(0.8, 1.0), blur_prob=0.0)
-
-
-class SubsetSource:
-    """The images of `source` at `indices`, in that order, as an `ImageSource`."""
-
-    def __init__(self, source: ImageSource, indices: list[int], name: str):
-        self.source = source
-        self.indices = list(indices)
-        self.name = name
-        self.class_names = source.class_names
-        self.image_size = source.image_size
-        self.labels = None if source.labels is None else [source.labels[i] for i in self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load_image(self, index: int) -> Image.Image:
-        return self.source.load_image(self.indices[index])
-
-    def describe(self, index: int) -> str:
-        return self.source.describe(self.indices[index])
 
 
 @dataclass
@@ -59,40 +35,10 @@ class PretrainingData:
     collator: TwoViewCollator | None  # the DataLoader's collate_fn; None: the default one
     train_source: ImageSource
     eval_source: ImageSource | None  # labelled held-out images (kNN test set, reconstruction pictures)
+    eval_split: str | None  # where eval_source comes from: "test" or "held-out"
     augmentation: AugmentationConfig
     dataset_name: str
     skipped: list[tuple[str, str]]
-
-
-def _split_off_holdout(source: ImageSource, count: int, seed: int) -> tuple[ImageSource, ImageSource]:
-    """A seeded random `count` images held out of `source` (at most 10%), and the rest."""
-    count = min(count, len(source) // 10)
-    order = np.random.default_rng(seed).permutation(len(source))
-    held_out, rest = sorted(order[:count].tolist()), sorted(order[count:].tolist())
-    return SubsetSource(source, rest, f"{source.name}/train"), SubsetSource(source, held_out, f"{source.name}/held-out")
-
-
-def _load_sources(data: str | None, mode: str, args) -> tuple[ImageSource, ImageSource | None, str, list]:
-    """(training images, labelled held-out images or None, dataset name for the model card, skipped files)."""
-    if data is None:
-        return FashionMNISTSource("train", mode=mode), FashionMNISTSource("test", mode=mode), "fashion_mnist", []
-    path = Path(data)
-    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        folder = ImageFolderSource(path, mode=mode, skip_unreadable=args.skip_unreadable)
-        source, holdout = folder, None
-        if folder.labels is not None and args.knn_eval:
-            source, holdout = _split_off_holdout(folder, args.eval_images, args.seed)
-        return source, holdout, path.name, folder.skipped
-    source = HFDatasetSource(data, "train", image_column=args.image_column, label_column=args.label_column, mode=mode)
-    try:
-        holdout = HFDatasetSource(
-            data, "test", image_column=args.image_column, label_column=args.label_column, mode=mode
-        )
-    except (ValueError, KeyError):
-        holdout = None
-        if source.labels is not None and args.knn_eval:
-            source, holdout = _split_off_holdout(source, args.eval_images, args.seed)
-    return source, holdout, data, []
 
 
 def build_augmentation(args, config: MACRLConfig) -> AugmentationConfig:
@@ -110,9 +56,21 @@ def build_augmentation(args, config: MACRLConfig) -> AugmentationConfig:
 
 
 def build_pretraining_data(args, config: MACRLConfig, augmentation: AugmentationConfig) -> PretrainingData:
-    """Sources and the seeded two-view dataset for `config`'s image size and channels."""
+    """Sources and the seeded two-view dataset for `config`'s image size and channels.
+
+    The kNN images are the data's test split, else (with `args.knn`) the seeded held-out split of
+    `macrl.data.splits`, at most `args.eval_images` of them, which `macrl-eval` holds out too.
+
+    Raises:
+        DataError: `--data` cannot be opened, or its images cannot be augmented in batches as asked.
+    """
     mode = "L" if config.num_channels == 1 else "RGB"
-    train_source, eval_source, dataset_name, skipped = _load_sources(args.data, mode, args)
+    splits = open_train_and_test(
+        args.data, mode, holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
+        hold_out=args.knn, image_column=args.image_column, label_column=args.label_column,
+        skip_unreadable=args.skip_unreadable,
+    )
+    train_source, eval_source = splits.train, splits.test
     if args.limit_images is not None:
         train_source = SubsetSource(train_source, range(min(args.limit_images, len(train_source))), train_source.name)
     if eval_source is not None and len(eval_source) > args.eval_images:
@@ -121,7 +79,7 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
     if batched is None:
         batched = train_source.image_size is not None
     elif batched and train_source.image_size is None:
-        raise ValueError(
+        raise DataError(
             f"the images of {train_source.name} may differ in size, so they cannot be augmented in batches "
             '(--augmentation {"batched": true}); leave "batched" unset'
         )
@@ -133,4 +91,6 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
         strong, weak = build_strong_transform(augmentation), build_weak_transform(augmentation)
         train = TwoViewDataset(train_source, strong, weak, num_patches=config.num_patches, seed=args.seed)
         collator = None
-    return PretrainingData(train, collator, train_source, eval_source, augmentation, dataset_name, skipped)
+    return PretrainingData(
+        train, collator, train_source, eval_source, splits.test_split, augmentation, splits.dataset_type, splits.skipped
+    )

@@ -1,0 +1,188 @@
+"""A whole pre-training run, as `macrl-pretrain` does it: data, model, `Trainer`, kNN, pictures, release, push.
+
+`run_pretraining(PretrainingArguments(...))` is the library face of the command; it raises typed errors
+(`PretrainingError` and the data, checkpoint and device errors it meets, all `InputError`s; `UnreadableImageError`,
+`HubPushError`) and logs what it does to the `macrl` logger; it never prints.
+
+OUTPUT_DIR receives: the full pre-training model (`save_pretrained`: main and momentum branches), `encoder/` (the
+`MACRLModel` users download, with its image processor and model card), `checkpoints/`, `logs/train_log.jsonl`,
+`pictures/` (loss curves, reconstructions) and `results.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import set_seed
+
+from ..data import UnreadableImageError, build_eval_transform
+from ..devices import resolve_device
+from ..errors import InputError, first_line
+from ..evaluation.frozen_features import evaluate_encoder
+from ..image_processing_macrl import MACRLImageProcessor
+from ..modeling_macrl import MACRLForPreTraining
+from ..precision import slow_bf16_warning
+from ..presets import load_config
+from .arguments import PretrainingArguments
+from .budget import TimeBudgetCallback, fit_steps_to_budget
+from .callbacks import DataEpochCallback, JsonlLogCallback, PushCheckpointCallback
+from .checkpoints import resolve_checkpoint
+from .data import PretrainingData, build_augmentation, build_pretraining_data
+from .pictures import plot_loss_curves, reconstruction_grid
+from .release import EncoderRelease
+from .trainer import MACRLPretrainer, build_training_arguments, world_size
+
+__all__ = ["PretrainingError", "run_pretraining"]
+
+logger = logging.getLogger(__name__)
+
+
+class PretrainingError(InputError):
+    """A run's inputs cannot be used together (a batch not divisible by the processes, too few images, a bad
+    config or augmentation); the message names the flag."""
+
+
+def knn_of(encoder, processor: MACRLImageProcessor, data: PretrainingData, device: torch.device) -> dict | None:
+    """Weighted kNN (k=20, T=0.07) of the config's pooled features: training images as memory, the held-out images
+    as queries; None without labelled held-out images."""
+    if data.eval_source is None or data.train_source.labels is None or data.eval_source.labels is None:
+        return None
+    results = evaluate_encoder(
+        encoder, processor, data.train_source, data.eval_source,
+        linear_probe=False, pools=(encoder.config.pooling,), batch_size=256, device=device,
+    )
+    return {
+        "knn_accuracy": round(results[f"knn_accuracy_{encoder.config.pooling}"], 2),
+        "knn_train_images": results["train_images"],
+        "knn_test_images": results["test_images"],
+    }
+
+
+def run_pretraining(args: PretrainingArguments) -> dict:
+    """The whole job; returns the results written to OUTPUT_DIR/results.json ({} on processes other than rank 0)."""
+    started = time.monotonic()
+    output_dir = Path(args.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    if args.batch_size % world_size():
+        raise PretrainingError(f"--batch-size {args.batch_size} is not divisible by the {world_size()} processes")
+    try:
+        config = load_config(args.config, **args.config_changes())
+    except (ValueError, StrictDataclassError) as error:  # JSONDecodeError is a ValueError
+        raise PretrainingError(f"--config: {first_line(error)}") from error
+    try:
+        augmentation = build_augmentation(args, config)
+    except (ValueError, TypeError) as error:  # TypeError: a field given a value of the wrong shape
+        raise PretrainingError(f"--augmentation: {first_line(error)}") from error
+    device = resolve_device(args.device)
+    resume_from = resolve_checkpoint(args.resume, checkpoint_dir, config)
+    data = build_pretraining_data(args, config, augmentation)
+    if len(data.train) < args.batch_size:
+        raise PretrainingError(f"--data has {len(data.train)} images, fewer than one batch of {args.batch_size}")
+    if data.skipped:
+        logger.info("skipping %d unreadable images, e.g. %s: %s", len(data.skipped), *data.skipped[0])
+
+    set_seed(args.seed)
+    model = MACRLForPreTraining(config)
+    if args.bf16 and (warning := slow_bf16_warning(device, "--bf16")):
+        logger.warning(warning)
+    max_steps = args.max_steps
+    if max_steps <= 0 and args.max_minutes is not None:
+        if resume_from is not None:
+            max_steps = json.loads(Path(resume_from, "trainer_state.json").read_text())["max_steps"]
+        else:
+            max_steps = fit_steps_to_budget(
+                model, data.train, data.collator, minutes=args.max_minutes,
+                batch_size=args.batch_size // world_size(), num_workers=args.num_workers, bf16=args.bf16,
+                device=device,
+            )
+            logger.info("--max-minutes %g: training for %d steps of %d images", args.max_minutes, max_steps,
+                        args.batch_size)
+
+    training_args = build_training_arguments(args, checkpoint_dir, max_steps, config, device)
+    release = EncoderRelease(
+        folder=output_dir / "encoder",
+        processor=MACRLImageProcessor(
+            size={"height": config.image_size, "width": config.image_size},
+            num_channels=config.num_channels,
+            image_mean=list(data.augmentation.mean),
+            image_std=list(data.augmentation.std),
+        ),
+        dataset_name=data.dataset_name,
+        evaluation_split=data.eval_split,
+        facts={
+            "dataset": data.dataset_name,
+            "num_images": len(data.train),
+            "batch_size": args.batch_size,
+            "learning_rate": training_args.learning_rate,
+            "hardware": f"{world_size()} x {device.type}",
+        },
+        repo_id=args.push_to_hub,
+        private=args.private,
+    )
+    callbacks = [DataEpochCallback(data.train), JsonlLogCallback(output_dir / "logs" / "train_log.jsonl")]
+    budget = TimeBudgetCallback(args.max_minutes) if args.max_minutes is not None else None
+    if budget is not None:
+        callbacks.append(budget)
+    if args.push_to_hub and args.push_checkpoints:
+
+        def export_and_push(model: MACRLForPreTraining, step: int) -> str:
+            release.export(model, {"steps": step})
+            return release.push(f"Encoder at step {step}")
+
+        callbacks.append(PushCheckpointCallback(export_and_push))
+    trainer = MACRLPretrainer(
+        model,
+        training_args,
+        train_dataset=data.train,
+        data_collator=data.collator,
+        callbacks=callbacks,
+        global_batch_size=args.batch_size,
+        save_total_limit=args.save_total_limit,
+    )
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
+    except UnreadableImageError as error:
+        raise UnreadableImageError(f"{first_line(error)}; the checkpoints so far are kept in {checkpoint_dir}") from error
+    if not trainer.is_world_process_zero():
+        return {}
+
+    model = trainer.model.eval()
+    model.save_pretrained(output_dir)  # the full pre-training model, both branches
+    results: dict = {
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "train_loss": round(train_output.training_loss, 4),
+        "training_minutes": round(train_output.metrics.get("train_runtime", 0.0) / 60, 2),
+        "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
+        "stopped_by_time_budget": bool(budget and budget.stopped_early),
+        "augmentation": dataclasses.asdict(data.augmentation),
+    }
+    evaluation = knn_of(model.macrl, release.processor, data, device) if args.knn else None
+    if evaluation:
+        results.update(evaluation)
+
+    pictures = output_dir / "pictures"
+    pictures.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / "logs" / "train_log.jsonl"
+    if log_path.exists():
+        plot_loss_curves(log_path, pictures / "loss_curves.png")
+    # fixed held-out images, so the pictures of two runs are comparable
+    shown = data.eval_source or data.train_source
+    transform = build_eval_transform(data.augmentation)
+    samples = torch.stack([transform(shown.load_image(i)) for i in range(min(8, len(shown)))])
+    mean, std = list(data.augmentation.mean), list(data.augmentation.std)
+    reconstruction_grid(model.cpu(), samples, mean, std, pictures / "reconstructions.png", seed=args.seed)
+
+    progress = {"steps": results["steps"], "epochs": results["epochs"], "minutes": results["training_minutes"]}
+    release.export(model, progress, evaluation)
+    results["total_minutes"] = round((time.monotonic() - started) / 60, 2)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.push_to_hub:
+        results["hub_commit"] = release.push("Upload MACRL encoder")
+    return results
