@@ -25,9 +25,7 @@ import torch
 
 from macrl import MACRLImageProcessor, MACRLModel
 from macrl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSource, load_fashion_mnist
-from macrl.evaluation.knn import knn_accuracy
-from macrl.evaluation.linear_probe import linear_probe
-from macrl.extract import extract_features
+from macrl.evaluation import POOLS, evaluate_encoder, evaluate_features
 from macrl.precision import cpu_runs_bf16_fast
 from macrl.presets import load_config
 
@@ -66,14 +64,18 @@ def run_pretraining(
     return json.loads((run_dir / "results.json").read_text())
 
 
-def _probe_and_knn(train_x, train_y, test_x, test_y, seed: int) -> dict:
-    knn = knn_accuracy(train_x, train_y, test_x, test_y, num_classes=10)
-    probe = linear_probe(train_x, train_y, test_x, test_y, num_classes=10, seed=seed)
-    return {"knn": round(knn, 2), "linear": round(probe.accuracy, 2)}
+def _scores(results: dict, pools: tuple[str, ...] = POOLS) -> dict:
+    """The library's evaluation results as this table's `knn_<pool>` / `linear_<pool>` percentages."""
+    scores = {}
+    for pool in pools:
+        scores[f"knn_{pool}"] = round(results[f"knn_accuracy_{pool}"], 2)
+        scores[f"linear_{pool}"] = round(results[f"linear_probe_accuracy_{pool}"], 2)
+    return scores
 
 
-def evaluate_encoder(encoder_dir: Path | None, config_name: str, seed: int, dtype: str) -> dict:
-    """kNN and linear probe of the CLS and mean-pooled features (a random-init encoder when `encoder_dir` is None)."""
+def evaluate_fashion_encoder(encoder_dir: Path | None, config_name: str, seed: int, dtype: str) -> dict:
+    """kNN and linear probe of the CLS and mean-pooled features on Fashion-MNIST's test split (`macrl-eval`'s
+    protocol, `macrl.evaluation.evaluate_encoder`); a random-init encoder when `encoder_dir` is None."""
     if encoder_dir is None:
         torch.manual_seed(seed)
         model = MACRLModel(load_config(config_name))
@@ -84,22 +86,19 @@ def evaluate_encoder(encoder_dir: Path | None, config_name: str, seed: int, dtyp
     else:
         model = MACRLModel.from_pretrained(encoder_dir)
         processor = MACRLImageProcessor.from_pretrained(encoder_dir)
-    train, test = FashionMNISTSource("train"), FashionMNISTSource("test")
-    scores = {}
-    for pool in ("cls", "mean"):
-        train_f = extract_features(model, processor, train, pool=pool, batch_size=512, dtype=dtype, progress=False)
-        test_f = extract_features(model, processor, test, pool=pool, batch_size=512, dtype=dtype, progress=False)
-        for name, value in _probe_and_knn(train_f.features, train_f.labels, test_f.features, test_f.labels, seed).items():
-            scores[f"{name}_{pool}"] = value
-    return scores
+    results = evaluate_encoder(
+        model, processor, FashionMNISTSource("train"), FashionMNISTSource("test"),
+        pools=POOLS, batch_size=512, dtype=dtype, seed=seed, progress=False,
+    )
+    return _scores(results)
 
 
 def evaluate_raw_pixels(seed: int) -> dict:
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     train_x, test_x = train_x.flatten(1).float() / 255, test_x.flatten(1).float() / 255
-    scores = _probe_and_knn(train_x, train_y, test_x, test_y, seed)
-    return {"knn_cls": scores["knn"], "linear_cls": scores["linear"]}
+    results = evaluate_features({"cls": train_x}, train_y, {"cls": test_x}, test_y, num_classes=10, seed=seed)
+    return _scores(results, pools=("cls",))
 
 
 def cached(path: Path, compute) -> dict:
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = root / f"{method}-{args.minutes:g}min-seed{seed}"
             train = run_pretraining(method, seed, args.minutes, run_dir, extra, step_seconds.get(method))
             scores = cached(
-                run_dir / "quality.json", lambda: evaluate_encoder(run_dir / "encoder", args.config, seed, precision)
+                run_dir / "quality.json", lambda: evaluate_fashion_encoder(run_dir / "encoder", args.config, seed, precision)
             )
             rows.setdefault(method, []).append(
                 {**scores, "training_minutes": train["training_minutes"], "images_per_second": train["images_per_second"]}
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             rows.setdefault("random-init encoder", []).append(
                 cached(
-                    root / f"random-init-seed{seed}.json", lambda: evaluate_encoder(None, args.config, seed, precision)
+                    root / f"random-init-seed{seed}.json", lambda: evaluate_fashion_encoder(None, args.config, seed, precision)
                 )
             )
         rows["raw pixels"] = [cached(root / "raw-pixels.json", lambda: evaluate_raw_pixels(0))]

@@ -163,14 +163,6 @@ def strip_common_prefix(state_dict: Mapping[str, Any], prefixes: Sequence[str] =
     return state_dict
 
 
-def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """timm's fused `attn.qkv` weight `[3D, D]` (or bias `[3D]`) -> the q, k, v parts, each `[D, D]` (or `[D]`)."""
-    if qkv.shape[0] % 3:
-        raise ValueError(f"a fused qkv tensor needs a first dimension divisible by 3, got shape {tuple(qkv.shape)}")
-    q, k, v = qkv.chunk(3, dim=0)
-    return q.clone(), k.clone(), v.clone()
-
-
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Separate q, k, v projections -> timm's fused `attn.qkv` (rows: all of q, then k, then v)."""
     import torch
@@ -211,23 +203,6 @@ def merge_qkv_keys(
         out[f"{prefix}.{fused}.{kind}"] = merge_qkv(*(state_dict[part] for part in parts))
     if missing:
         raise KeyMismatchError(source, missing=missing, hint="q, k and v projections must come together")
-    return out
-
-
-def split_qkv_keys(
-    state_dict: Mapping[str, Any], names: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj"), fused: str = "qkv"
-) -> dict[str, Any]:
-    """The inverse of `merge_qkv_keys`: every `P.{fused}.{weight,bias}` becomes `P.{q}`, `P.{k}`, `P.{v}`."""
-    pattern = re.compile(rf"(.*)\.{re.escape(fused)}\.(weight|bias)")
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        match = pattern.fullmatch(key)
-        if not match:
-            out[key] = value
-            continue
-        prefix, kind = match.groups()
-        for name, part in zip(names, split_qkv(value)):
-            out[f"{prefix}.{name}.{kind}"] = part
     return out
 
 
@@ -507,6 +482,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, overrides: bool = True
         )
     group.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
     group.add_argument("--private", action="store_true", help="create the Hub repository as private")
+
+
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every converter function takes from `add_common_arguments`' flags."""
+    return dict(overrides=parse_overrides(args.overrides), atol=args.atol, rtol=args.rtol, seed=args.seed)
+
+
+def push_if_asked(args: argparse.Namespace, commit_message: str) -> None:
+    """`--push-to-hub REPO_ID` (and `--private`) of the converted `args.output_dir`."""
+    if args.push_to_hub:
+        push_to_hub(args.output_dir, args.push_to_hub, private=args.private, commit_message=commit_message)
 
 
 class ConversionParser(OneLineErrors, argparse.ArgumentParser):

@@ -25,6 +25,8 @@ from typing import Any
 
 from .common import (
     ConversionParser,
+    common_options,
+    push_if_asked,
     read_macrl_config,
     add_common_arguments,
     check_keys,
@@ -32,8 +34,6 @@ from .common import (
     load_processor,
     load_state_dict,
     log,
-    parse_overrides,
-    push_to_hub,
     random_noise,
     random_pixels,
     rename_keys,
@@ -156,14 +156,9 @@ def _run(args: argparse.Namespace) -> None:
         full=args.full,
         momentum_encoder=args.momentum_encoder,
         image_processor=args.image_processor,
-        overrides=parse_overrides(args.overrides),
-        atol=args.atol,
-        rtol=args.rtol,
-        seed=args.seed,
+        **common_options(args),
     )
-    if args.push_to_hub:
-        push_to_hub(args.output_dir, args.push_to_hub, private=args.private, commit_message="Upload MACRL checkpoint")
-
+    push_if_asked(args, "Upload MACRL checkpoint")
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_run, build_parser(), argv)

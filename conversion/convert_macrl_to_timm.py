@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 from ..timm_layout import TIMM_LAYER_NORM_EPS, default_num_heads, timm_vit_kwargs
 from .common import (
     ConversionParser,
+    common_options,
+    push_if_asked,
     read_macrl_config,
     KeyMismatchError,
     OutputMismatchError,
@@ -52,8 +54,6 @@ from .common import (
     load_processor,
     load_state_dict,
     log,
-    parse_overrides,
-    push_to_hub,
     random_pixels,
     rename_keys,
     run_cli,
@@ -409,24 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    overrides = parse_overrides(args.overrides)
-    common = dict(overrides=overrides, atol=args.atol, rtol=args.rtol, seed=args.seed, architecture=args.architecture)
+    options = dict(common_options(args), architecture=args.architecture)
     if args.reverse:
         if args.momentum_encoder:
             raise ValueError("--momentum-encoder applies to the MACRL -> timm direction only")
         timm_to_macrl(
-            args.source,
-            args.output_dir,
-            num_attention_heads=args.num_attention_heads,
-            revision=args.revision,
-            **common,
+            args.source, args.output_dir, num_attention_heads=args.num_attention_heads, revision=args.revision,
+            **options,
         )
     else:
-        macrl_to_timm(args.source, args.output_dir, momentum_encoder=args.momentum_encoder, **common)
-    if args.push_to_hub:
-        message = "Convert timm ViT to MACRL" if args.reverse else "Export MACRL encoder to timm"
-        push_to_hub(args.output_dir, args.push_to_hub, private=args.private, commit_message=message)
-
+        macrl_to_timm(args.source, args.output_dir, momentum_encoder=args.momentum_encoder, **options)
+    push_if_asked(args, "Convert timm ViT to MACRL" if args.reverse else "Export MACRL encoder to timm")
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_run, build_parser(), argv)

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 from ..timm_layout import default_num_heads
 from .common import (
     ConversionParser,
+    common_options,
+    push_if_asked,
     KeyMismatchError,
     add_common_arguments,
     build_config,
@@ -44,8 +46,6 @@ from .common import (
     describe_position_embedding,
     load_checkpoint,
     log,
-    parse_overrides,
-    push_to_hub,
     random_noise,
     random_pixels,
     rename_keys,
@@ -369,14 +369,9 @@ def _run(args: argparse.Namespace) -> None:
         encoder_only=args.encoder_only,
         num_attention_heads=args.num_attention_heads,
         decoder_num_attention_heads=args.decoder_num_attention_heads,
-        overrides=parse_overrides(args.overrides),
-        atol=args.atol,
-        rtol=args.rtol,
-        seed=args.seed,
+        **common_options(args),
     )
-    if args.push_to_hub:
-        push_to_hub(args.output_dir, args.push_to_hub, private=args.private, commit_message="Convert MAE to MACRL")
-
+    push_if_asked(args, "Convert MAE to MACRL")
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_run, build_parser(), argv)

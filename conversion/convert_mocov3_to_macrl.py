@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 from ..timm_layout import default_num_heads, timm_vit_kwargs
 from .common import (
     ConversionParser,
+    common_options,
+    push_if_asked,
     KeyMismatchError,
     add_common_arguments,
     build_config,
@@ -45,8 +47,6 @@ from .common import (
     describe_position_embedding,
     load_checkpoint,
     log,
-    parse_overrides,
-    push_to_hub,
     random_pixels,
     rename_keys,
     run_cli,
@@ -303,14 +303,9 @@ def _run(args: argparse.Namespace) -> None:
         args.output_dir,
         encoder_only=args.encoder_only,
         num_attention_heads=args.num_attention_heads,
-        overrides=parse_overrides(args.overrides),
-        atol=args.atol,
-        rtol=args.rtol,
-        seed=args.seed,
+        **common_options(args),
     )
-    if args.push_to_hub:
-        push_to_hub(args.output_dir, args.push_to_hub, private=args.private, commit_message="Convert MoCo v3 to MACRL")
-
+    push_if_asked(args, "Convert MoCo v3 to MACRL")
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_run, build_parser(), argv)

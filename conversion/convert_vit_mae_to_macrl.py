@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 from .common import (
     ConversionParser,
+    common_options,
+    push_if_asked,
     KeyMismatchError,
     add_common_arguments,
     build_config,
@@ -52,8 +54,6 @@ from .common import (
     describe_position_embedding,
     log,
     merge_qkv_keys,
-    parse_overrides,
-    push_to_hub,
     random_noise,
     random_pixels,
     rename_keys,
@@ -292,18 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     convert_vit_mae(
-        args.source,
-        args.output_dir,
-        revision=args.revision,
-        encoder_only=args.encoder_only,
-        overrides=parse_overrides(args.overrides),
-        atol=args.atol,
-        rtol=args.rtol,
-        seed=args.seed,
+        args.source, args.output_dir, revision=args.revision, encoder_only=args.encoder_only, **common_options(args)
     )
-    if args.push_to_hub:
-        push_to_hub(args.output_dir, args.push_to_hub, private=args.private, commit_message="Convert ViTMAE to MACRL")
-
+    push_if_asked(args, "Convert ViTMAE to MACRL")
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(_run, build_parser(), argv)

@@ -24,11 +24,13 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_STATUS_HELP",
     "EXIT_USAGE",
     "OneLineErrorParser",
     "OneLineErrors",
     "UsageError",
     "about",
+    "add_encoder_flags",
     "command_logging",
     "int_at_least",
     "positive_float",
@@ -37,6 +39,10 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_STATUS_HELP = (
+    "Exit status: 0 done, 1 a failure while working (an image that cannot be decoded, see --skip-unreadable; a "
+    "refused Hub push), 2 a usage error, 130 interrupted."
+)
 
 
 class UsageError(InputError):
@@ -53,6 +59,18 @@ class OneLineErrors:
 
 class OneLineErrorParser(OneLineErrors, argparse.ArgumentParser):
     """`argparse.ArgumentParser` with `OneLineErrors`."""
+
+
+def add_encoder_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that runs a released encoder: `--model`, `--revision`, `--device`,
+    `--no-progress`."""
+    from .devices import DEVICE_CHOICES
+
+    add = parser.add_argument
+    add("--model", required=True, help="local folder or Hub id of a MACRL encoder (required)")
+    add("--revision", default=None, help="Hub branch, tag or commit of --model (default: the default branch)")
+    add("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda, else mps, else cpu (default: auto)")
+    add("--no-progress", action="store_true", help="hide the progress bars (default: shown on a terminal only)")
 
 
 @contextmanager

@@ -23,7 +23,9 @@ from typing import Any
 from . import __version__
 from .atomic_files import atomic_path
 from .command_line import (
+    EXIT_STATUS_HELP,
     OneLineErrorParser,
+    add_encoder_flags,
     UsageError,
     about,
     int_at_least,
@@ -32,7 +34,7 @@ from .command_line import (
     run_command,
 )
 from .data import limit_source, open_train_and_test
-from .devices import DEVICE_CHOICES, resolve_device
+from .devices import resolve_device
 from .evaluation.frozen_features import check_labelled, evaluate_encoder
 from .loading import load_encoder_and_processor
 from .model_card import card_evaluation, update_model_card
@@ -91,12 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=PROG,
         description="kNN, linear-probe and fine-tuning accuracy of a MACRL encoder.",
-        epilog="Exit status: 0 done, 1 an image could not be decoded (see --skip-unreadable), 2 usage error, "
-        "130 interrupted.",
+        epilog=EXIT_STATUS_HELP,
     )
     add = parser.add_argument
-    add("--model", required=True, help="local model folder or Hub id of a MACRL encoder (required)")
-    add("--revision", default=None, help="Hub branch, tag or commit of --model (default: the default branch)")
+    add_encoder_flags(parser)
     add(
         "--data", default=None,
         help="default: Fashion-MNIST train/test (Debian's dataset-fashion-mnist); or a folder of images in class "
@@ -140,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
         "else ./macrl-finetuned)",
     )
     add("--batch-size", type=int_at_least(1), default=256, help="images per forward pass (default: %(default)s)")
-    add("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda, else mps, else cpu (default: auto)")
     add("--dtype", choices=EVAL_DTYPES, default="fp32", help="bf16: autocast / mixed precision (default: fp32)")
     add("--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes (default: 0)")
     add("--seed", type=int, default=0, help="held-out split, --limit-* subsets, probe and fine-tuning (default: 0)")
@@ -150,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--update-card", action="store_true",
         help="rewrite the model folder's README.md with the results in its model-index (local folders only)",
     )
-    add("--no-progress", action="store_true", help="hide the progress bars (default: shown on a terminal only)")
     return parser
 
 

@@ -16,14 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .command_line import (
+    EXIT_STATUS_HELP,
     OneLineErrorParser,
+    add_encoder_flags,
     about,
     int_at_least,
     progress_bars,
     run_command,
 )
 from .data import HFDatasetSource, open_source
-from .devices import DEVICE_CHOICES, resolve_device
+from .devices import resolve_device
 from .feature_extraction import DTYPE_CHOICES, POOL_CHOICES, ExtractionResult, extract_features
 from .feature_files import check_output_path, save_features
 from .loading import load_encoder_and_processor
@@ -40,12 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog=PROG,
         description="Encode a folder of images or a `datasets` dataset with a MACRL encoder into a features file.",
-        epilog="Exit status: 0 done, 1 an image could not be decoded (see --skip-unreadable), 2 usage error, "
-        "130 interrupted.",
+        epilog=EXIT_STATUS_HELP,
     )
     add = parser.add_argument
-    add("--model", required=True, help="local model folder or Hub id of a MACRL model (required)")
-    add("--revision", default=None, help="Hub branch, tag or commit of --model (default: the default branch)")
+    add_encoder_flags(parser)
     add(
         "--data", required=True,
         help="folder of images (scanned recursively; first-level subfolders are classes), "
@@ -70,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="cls token, mean of patch tokens, or none (all tokens, [N, 1+L, D]); default: the model's config.pooling",
     )
     add("--batch-size", type=int_at_least(1), default=64, help="images per forward pass (default: %(default)s)")
-    add("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda, else mps, else cpu (default: auto)")
     add(
         "--dtype", choices=tuple(DTYPE_CHOICES), default="fp32",
         help="compute precision, bf16/fp16 via autocast; features are saved as float32 (default: %(default)s)",
@@ -84,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip images that cannot be decoded (listed at the end and in the metadata) "
         "instead of stopping with an error (default: off)",
     )
-    add("--no-progress", action="store_true", help="hide the progress bars (default: shown on a terminal only)")
     return parser
 
 

@@ -1,9 +1,8 @@
 """Whether bfloat16 autocast pays off on the CPU it would run on.
 
 bf16 autocast on a CPU is fast only where oneDNN has bfloat16 kernels (AVX512 and AMX cores). On an AVX2-only CPU
-torch falls back to a slow generic kernel: on this project's AVX2 machine a [4352, 192] x [192, 768] product took
-123 ms in bf16 against 9 ms in fp32, and an `fmnist` pre-training step 11.5 s against 0.68 s. The commands that
-take --bf16 / --dtype bf16 say so instead of silently running 17x slower.
+torch falls back to a slow generic kernel, many times slower than fp32 (benchmarks/results/figures-behind-the-code.md).
+The commands that take --bf16 / --dtype bf16 say so instead of silently running that much slower.
 """
 
 import torch
@@ -24,5 +23,5 @@ def slow_bf16_warning(device: str | torch.device, flag: str) -> str | None:
         return None
     return (
         f"{flag}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 kernels, so bf16 runs many "
-        "times slower than fp32 here (about 17x for an fmnist pre-training step on AVX2); leave it out"
+        "times slower than fp32 here; leave it out"
     )

@@ -13,7 +13,8 @@ _SMALL_HEADS = dict(projection_dim=256, projector_hidden_size=1024, predictor_hi
 
 PRESETS: dict[str, dict] = {
     # 28x28 grayscale, 4x4 patches of 7 px; width 192 as in ViT-Tiny, shallow enough for a CPU. A step on 16 tokens
-    # is 2.7x faster than on 49 (4-px patches), which buys epochs on a CPU budget (README, quality section)
+    # is much faster than on 49 (4-px patches), which buys epochs on a CPU budget
+    # (benchmarks/results/figures-behind-the-code.md)
     "fmnist": dict(
         image_size=28,
         patch_size=7,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .command_line import OneLineErrors, run_command
+from .command_line import EXIT_STATUS_HELP, OneLineErrors, run_command
 from .training.arguments import PretrainingArguments
 from .training.run import run_pretraining
 
@@ -34,8 +34,7 @@ def build_parser() -> HfArgumentParser:
         PretrainingArguments,
         prog=PROG,
         description="Pre-train a MACRL encoder (masked reconstruction + MoCo v3 contrast) and export it.",
-        epilog="Exit status: 0 done, 1 an image could not be decoded or a Hub push failed, 2 usage error, "
-        "130 interrupted (the checkpoints so far are kept: continue with --resume).",
+        epilog=f"{EXIT_STATUS_HELP} The checkpoints written so far are kept: continue with --resume.",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,11 +130,26 @@ def pixels_for(config, batch_size: int = 3) -> torch.Tensor:
 # shared helpers
 
 
+def split_qkv_keys(state_dict: dict, names=("q_proj", "k_proj", "v_proj"), fused: str = "qkv") -> dict:
+    """The inverse of `common.merge_qkv_keys` (test side): every `P.{fused}.{weight,bias}` becomes `P.{q}`, `P.{k}`,
+    `P.{v}`."""
+    out = {}
+    for key, value in state_dict.items():
+        match = re.fullmatch(rf"(.*)\.{re.escape(fused)}\.(weight|bias)", key)
+        if not match:
+            out[key] = value
+            continue
+        prefix, kind = match.groups()
+        for name, part in zip(names, value.chunk(3, dim=0)):
+            out[f"{prefix}.{name}.{kind}"] = part.clone()
+    return out
+
+
 def test_common_helpers(tmp_path):
     weight, bias = torch.randn(96, 32), torch.randn(96)
-    assert torch.equal(common.merge_qkv(*common.split_qkv(weight)), weight)
+    assert torch.equal(common.merge_qkv(*weight.chunk(3, dim=0)), weight)
     fused = {"a.attn.qkv.weight": weight, "a.attn.qkv.bias": bias, "a.norm.weight": torch.ones(32)}
-    split = common.split_qkv_keys(fused)
+    split = split_qkv_keys(fused)
     assert sorted(split) == sorted(
         ["a.norm.weight"] + [f"a.attn.{n}.{k}" for n in ("q_proj", "k_proj", "v_proj") for k in ("weight", "bias")]
     )

@@ -1,9 +1,9 @@
 """The strong and weak views of `augmentations.py`, computed for a whole batch of equal-size uint8 images at once.
 
-On 28x28 Fashion-MNIST a per-image torchvision pipeline costs about 1 ms per image for both views (the call overhead
-of a dozen small ops, not the pixels), as much as the model's own step; on a 2-core machine the data-loader worker
-and the model then share the cores and a step takes twice as long as on ready tensors. Here every op runs once per
-batch (one `grid_sample` for all crops and flips, one blend per colour op), about 25x cheaper per image.
+On small images a per-image torchvision pipeline costs as much as the model's own step (the call overhead of a dozen
+small ops, not the pixels), and on a few cores the data-loader worker and the model share them. Here every op runs
+once per batch (one `grid_sample` for all crops and flips, one blend per colour op), many times cheaper per image
+(benchmarks/results/figures-behind-the-code.md).
 
 Randomness is explicit: each sample brings its own `[NUM_UNIFORMS]` vector of uniforms in [0, 1) (drawn from the
 sample's seed by `BatchedTwoViewDataset`), and the augmentation is a pure function of the images and those numbers.

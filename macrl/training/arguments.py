@@ -56,7 +56,7 @@ class PretrainingArguments:
     num_workers: int = _flag(1, "Data-loading worker processes per training process.")
     device: str = _flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps.", choices=DEVICE_CHOICES)
     bf16: bool = _flag(
-        False, "Train under bfloat16 autocast (recent GPUs; CPUs with AVX512 or AMX: on AVX2 it is ~17x slower)."
+        False, "Train under bfloat16 autocast (recent GPUs; CPUs with AVX512 or AMX: on AVX2-only ones it is many times slower)."
     )
     fp16: bool = _flag(False, "Train under float16 autocast with loss scaling (GPUs).")
     compile: bool = _flag(False, "Compile the model with torch.compile.")

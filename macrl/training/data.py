@@ -22,7 +22,7 @@ from ..data import (
 
 
 # Fashion-MNIST's garments are centred, upright and 28 px: milder crops than ImageNet's keep most of the garment in
-# both views, and no blur keeps its few pixels of texture. Together +1.7 kNN points in the tuning runs
+# both views, and no blur keeps its few pixels of texture; the tuning runs chose them
 # (benchmarks/results/quality/tuning-4min.md).
 FASHION_MNIST_AUGMENTATION: dict = dict(strong_crop_scale=(0.5, 1.0), weak_crop_scale=(0.8, 1.0), blur_prob=0.0)
 
