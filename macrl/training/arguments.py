@@ -81,6 +81,20 @@ class PretrainingArguments:
         aliases=["--knn-eval", "--knn_eval"],
     )
     eval_images: int = _flag(10000, "At most this many held-out images for the kNN evaluation and pictures.")
+    knn_every: int = _flag(
+        0,
+        "Every this many steps (and at the last), the kNN accuracy of the encoder on a fixed subset of the held-out "
+        "images, in the log, the tracker and the loss plot: a live quality signal (needs labels; 0: off).",
+    )
+    knn_monitor_images: int = _flag(
+        1000, "Held-out images the --knn-every monitor classifies, against 5 times as many training images."
+    )
+    report_to: str = _flag(
+        "none",
+        "Experiment tracking, as transformers' Trainer does it: none, or one or more (comma-separated) of "
+        "tensorboard, trackio, wandb, mlflow, ... whose package is installed. TensorBoard writes to "
+        "OUTPUT_DIR/logs/tensorboard.",
+    )
 
     def config_changes(self) -> dict:
         """Config fields that the command line sets: --config-overrides, then the single-field flags."""
@@ -89,6 +103,24 @@ class PretrainingArguments:
             raise ValueError(f"--config-overrides must be a JSON object, got {self.config_overrides!r}")
         names = ("mask_ratio", "reconstruction_weight", "contrastive_weight")
         return {**changes, **{name: getattr(self, name) for name in names if getattr(self, name) is not None}}
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers `--report-to` names, each checked to be one transformers supports and installed.
+
+        Raises `ValueError` naming an unknown tracker, or the package to install for a missing one.
+        """
+        from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if names in ([], ["none"]):
+            return []
+        installed = get_available_reporting_integrations()
+        for name in names:
+            if name not in INTEGRATION_TO_CALLBACK:
+                raise ValueError(f"unknown tracker {name!r}; choose none or from {', '.join(INTEGRATION_TO_CALLBACK)}")
+            if name not in installed:
+                raise ValueError(f"{name} is not installed: pip install {name.replace('_', '-')}")
+        return names
 
     def augmentation_changes(self) -> dict:
         """AugmentationConfig fields that --augmentation sets (unknown names are an error)."""

@@ -1,26 +1,39 @@
-"""A time budget for a run (`--max-minutes`): the step count that fits it, and the stop when it is spent."""
+"""A run's progress and its time budget (`--max-minutes`): the step count that fits the budget, the clock that the
+schedules follow, and the stop when the budget is spent."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ..distributed import is_distributed
 from ..modeling_macrl import MACRLForPreTraining
 
-__all__ = ["PROBE_STEPS", "TimeBudgetCallback", "fit_steps_to_budget", "steady_step_seconds"]
+__all__ = [
+    "PROBE_STEPS",
+    "STEP_HEADROOM",
+    "TrainingClock",
+    "fit_steps_to_budget",
+    "steady_step_seconds",
+    "warmup_cosine",
+]
 
 # The first steps of a fresh model run slower (allocator and oneDNN kernel caches warming up), so the probe times
 # several steps and keeps the median of the last half (benchmarks/results/budget-probe.md has the timings).
 PROBE_STEPS = 10
 # logging, checkpoints and the epoch ends cost a few percent on top of the steps
 STEP_TIME_SHARE = 0.95
+# a budget run may take this many times the fitted steps if the machine turns out faster than the probe said (the
+# clock then ends its schedules at the last step instead of at the budget)
+STEP_HEADROOM = 1.5
 
 
 def steady_step_seconds(durations: list[float]) -> float:
@@ -69,21 +82,70 @@ def fit_steps_to_budget(
     return max(int(minutes * 60 * STEP_TIME_SHARE / seconds.item()), 1)
 
 
-class TimeBudgetCallback(TrainerCallback):
-    """Stops training, with a final checkpoint, once `max_minutes` of training have passed.
+class TrainingClock(TrainerCallback, ExportableState):
+    """The progress of a run in [0, 1], which its learning-rate and momentum schedules follow, and its time budget.
 
-    Every process must stop at the same step, so rank 0's clock decides for all of them.
+    A step-based run (`--max-steps`, `--epochs`) progresses by steps: `step / max_steps`, exactly as the stock
+    schedules count, so it stays bit-exact and resumable. A run with a time budget (`--max-minutes`) progresses by
+    whichever is further along, the training time spent or the steps (`max(spent / budget, step / max_steps)`), so a
+    run slowed down by other load still finishes its warm-up, cosine decay and momentum schedule when the budget
+    ends, and one that runs faster than its probe finishes them at its last step; the run stops once the budget is
+    spent. The time spent is saved in every checkpoint (`TrainerState.stateful_callbacks`), so a resumed run keeps
+    its budget. With several processes, rank 0's clock is broadcast every step over a gloo (CPU) group: the same
+    progress on every process, and no device synchronisation.
     """
 
-    def __init__(self, max_minutes: float):
-        self.deadline = time.monotonic() + max_minutes * 60
-        self.stopped_early = False
+    def __init__(self, max_minutes: float | None = None):
+        self.max_minutes = max_minutes
+        self.spent_before = 0.0  # seconds spent by the processes that trained before a resume
+        self.started: float | None = None
+        self.progress = 0.0
+        self.stopped_by_budget = False
+        self._group = None
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return None if self.max_minutes is None else self.max_minutes * 60
+
+    def spent_seconds(self) -> float:
+        """Training time so far, resumed runs included."""
+        return self.spent_before + (0.0 if self.started is None else time.monotonic() - self.started)
+
+    def state(self) -> dict:
+        return {"args": {"max_minutes": self.max_minutes}, "attributes": {"spent_seconds": self.spent_seconds()}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if state.global_step > 0 and isinstance(saved, dict):  # resumed: the time spent before counts
+            self.spent_before = float(saved.get("attributes", {}).get("spent_seconds", 0.0))
+        if is_distributed() and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # every rank takes part, once
+        self.started = time.monotonic()
+        self.progress = self._progress_at(state.global_step, state.max_steps)
+
+    def _progress_at(self, step: int, max_steps: int) -> float:
+        by_steps = step / max(max_steps, 1)
+        if self.budget_seconds is None:
+            return min(by_steps, 1.0)
+        spent = torch.tensor(self.spent_seconds(), dtype=torch.float64)
+        if is_distributed():
+            dist.broadcast(spent, src=0, group=self._group)
+        return min(max(spent.item() / self.budget_seconds, by_steps), 1.0)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # before the scheduler steps: the learning rate of the next step follows the progress after this one
+        self.progress = self._progress_at(state.global_step + 1, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        over = torch.tensor(int(time.monotonic() > self.deadline))
-        if is_distributed():
-            dist.broadcast(over, src=0)
-        if over.item() and state.global_step < state.max_steps:
-            self.stopped_early = True
+        if self.budget_seconds is not None and self.progress >= 1.0 and state.global_step < state.max_steps:
+            self.stopped_by_budget = True
             control.should_training_stop = True
             control.should_save = True
+
+
+def warmup_cosine(progress: float, warmup: float) -> float:
+    """The learning-rate factor at `progress` in [0, 1]: linear from 0 over the first `warmup` of the run, then a
+    half cosine to 0 (the stock `cosine` schedule, on the run's progress instead of its step)."""
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min((progress - warmup) / max(1.0 - warmup, 1e-12), 1.0)))

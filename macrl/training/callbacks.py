@@ -15,13 +15,15 @@ logger = logging.getLogger(__name__)
 
 
 class MomentumUpdateCallback(TrainerCallback):
-    """After every optimiser step, move the momentum branch towards the main branch (cosine schedule to 1)."""
+    """After every optimiser step, move the momentum branch towards the main branch, on the cosine schedule to 1 of
+    the run's progress (`clock.progress`, a `TrainingClock`)."""
 
-    def __init__(self):
+    def __init__(self, clock):
+        self.clock = clock
         self.momentum: float | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.momentum = model.update_momentum_branch(state.global_step / state.max_steps)
+        self.momentum = model.update_momentum_branch(self.clock.progress)
 
 
 class DataEpochCallback(TrainerCallback):
@@ -36,7 +38,8 @@ class DataEpochCallback(TrainerCallback):
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Appends every training log (step, losses, lr, momentum, img/s) to a JSON-lines file on the main process."""
+    """Appends every training log (step, losses, lr, momentum, img/s, the kNN monitor) to a JSON-lines file on the
+    main process."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -65,6 +68,14 @@ class JsonlLogCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as file:
             file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class LogLastStepCallback(TrainerCallback):
+    """Logs the last step of a run, whatever `--logging-steps`: every run gets its log line and loss curve."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            control.should_log = True
 
 
 class PushCheckpointCallback(TrainerCallback):

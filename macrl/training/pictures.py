@@ -4,57 +4,50 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ..modeling_macrl import MACRLForPreTraining
 
-CURVES = (("loss", (31, 119, 180)), ("reconstruction_loss", (44, 160, 44)), ("contrastive_loss", (214, 39, 40)))
+# one panel each, top to bottom: (JSONL key, title); the learning-rate panel also shows the momentum
+PANELS = (
+    ("loss", "total loss"),
+    ("reconstruction_loss", "reconstruction loss (hidden patches)"),
+    ("contrastive_loss", "contrastive loss (InfoNCE)"),
+    ("learning_rate", "learning rate and EMA momentum"),
+    ("knn_monitor_accuracy", "kNN monitor accuracy (%)"),
+)
 
 
-def plot_loss_curves(log_path: Path, output_path: Path, size: tuple[int, int] = (900, 520)) -> Path:
-    """Line plot of the total, reconstruction and contrastive losses against the step, each scaled to its range."""
+def plot_loss_curves(log_path: Path, output_path: Path) -> Path:
+    """The run's curves from its JSONL log, one panel per quantity on its own real y axis, against the step: the
+    losses, the learning rate with the momentum (right axis), and the kNN monitor when the run had it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: a file, never a window
+    import matplotlib.pyplot as plt
+
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((left, 12), "MACRL pre-training losses (each curve scaled to its own min-max)", fill="black", font=font)
-    steps = [record["step"] for record in records]
-    if not steps:
-        draw.text((left + 10, top + 10), "no logged steps", fill="black", font=font)
-        image.save(output_path)
-        return Path(output_path)
-    first, last = min(steps), max(steps)
-    span = max(last - first, 1)
-    for tick in range(5):
-        step = first + span * tick / 4
-        x = left + (width - left - right) * tick / 4
-        draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
-        draw.text((x - 10, height - bottom + 8), f"{step:.0f}", fill="black", font=font)
-    draw.text(((width - 40) // 2, height - 18), "step", fill="black", font=font)
-    for row, (name, colour) in enumerate(CURVES):
-        points = [(record["step"], record[name]) for record in records if name in record]
-        if not points:
-            continue
-        values = [value for _, value in points]
-        low, high = min(values), max(values)
-        scale = (high - low) or 1.0
-        xy = [
-            (
-                left + (width - left - right) * (step - first) / span,
-                top + (height - top - bottom) * (1 - (value - low) / scale),
-            )
-            for step, value in points
-        ]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        else:
-            draw.ellipse([xy[0][0] - 3, xy[0][1] - 3, xy[0][0] + 3, xy[0][1] + 3], fill=colour)
-        label = f"{name}: {values[0]:.4f} -> {values[-1]:.4f} (range {low:.4f}..{high:.4f})"
-        draw.text((left + 10, top + 8 + 14 * row), label, fill=colour, font=font)
-    image.save(output_path)
+    panels = [(key, title) for key, title in PANELS if any(key in record for record in records)]
+    figure, axes = plt.subplots(max(len(panels), 1), 1, figsize=(8, 2.2 * max(len(panels), 1)), sharex=True,
+                                squeeze=False)
+    for axis, (key, title) in zip(axes[:, 0], panels):
+        steps, values = zip(*[(record["step"], record[key]) for record in records if key in record])
+        axis.plot(steps, values, marker="o" if len(steps) < 20 else None, color="tab:blue")
+        axis.set_title(title, fontsize=10, loc="left")
+        axis.grid(alpha=0.3)
+        if key == "learning_rate":
+            momentum = [(record["step"], record["momentum"]) for record in records if "momentum" in record]
+            if momentum:
+                twin = axis.twinx()
+                twin.plot(*zip(*momentum), color="tab:orange")
+                twin.set_ylabel("momentum", color="tab:orange")
+    if not panels:
+        axes[0, 0].text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=axes[0, 0].transAxes)
+    axes[-1, 0].set_xlabel("step")
+    figure.suptitle("MACRL pre-training", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(output_path, dpi=100)
+    plt.close(figure)
     return Path(output_path)
 
 

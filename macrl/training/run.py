@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -30,10 +31,11 @@ from ..modeling_macrl import MACRLForPreTraining
 from ..precision import slow_bf16_warning
 from ..presets import load_config
 from .arguments import PretrainingArguments
-from .budget import TimeBudgetCallback, fit_steps_to_budget
+from .budget import STEP_HEADROOM, fit_steps_to_budget
 from .callbacks import DataEpochCallback, JsonlLogCallback, PushCheckpointCallback
 from .checkpoints import resolve_checkpoint
 from .data import PretrainingData, build_augmentation, build_pretraining_data
+from .knn_monitor import KnnMonitor
 from .pictures import plot_loss_curves, reconstruction_grid
 from .release import EncoderRelease
 from .trainer import MACRLPretrainer, build_training_arguments, world_size
@@ -64,6 +66,10 @@ def knn_of(encoder, processor: MACRLImageProcessor, data: PretrainingData, devic
     }
 
 
+def _last_logged(trainer: MACRLPretrainer, key: str) -> float | None:
+    return next((record[key] for record in reversed(trainer.state.log_history) if key in record), None)
+
+
 def run_pretraining(args: PretrainingArguments) -> dict:
     """The whole job; returns the results written to OUTPUT_DIR/results.json ({} on processes other than rank 0)."""
     started = time.monotonic()
@@ -79,6 +85,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         augmentation = build_augmentation(args, config)
     except (ValueError, TypeError) as error:  # TypeError: a field given a value of the wrong shape
         raise PretrainingError(f"--augmentation: {first_line(error)}") from error
+    try:
+        trackers = args.trackers()
+    except ValueError as error:
+        raise PretrainingError(f"--report-to: {error}") from error
     device = resolve_device(args.device)
     resume_from = resolve_checkpoint(args.resume, checkpoint_dir, config)
     data = build_pretraining_data(args, config, augmentation)
@@ -92,17 +102,24 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     if args.bf16 and (warning := slow_bf16_warning(device, "--bf16")):
         logger.warning(warning)
     max_steps = args.max_steps
-    if max_steps <= 0 and args.max_minutes is not None:
-        if resume_from is not None:
-            max_steps = json.loads(Path(resume_from, "trainer_state.json").read_text())["max_steps"]
-        else:
-            max_steps = fit_steps_to_budget(
-                model, data.train, data.collator, minutes=args.max_minutes,
-                batch_size=args.batch_size // world_size(), num_workers=args.num_workers, bf16=args.bf16,
-                device=device,
-            )
-            logger.info("--max-minutes %g: training for %d steps of %d images", args.max_minutes, max_steps,
-                        args.batch_size)
+    if resume_from is not None:
+        saved = json.loads(Path(resume_from, "trainer_state.json").read_text())
+        if max_steps <= 0 and args.max_minutes is not None:
+            max_steps = saved["max_steps"]
+        spent = saved.get("stateful_callbacks", {}).get("TrainingClock", {}).get("attributes", {}).get("spent_seconds")
+        budget = f", {spent / 60:.1f} of {args.max_minutes:g} minutes spent" if spent and args.max_minutes else ""
+        logger.info("resuming %s at step %d of %d%s", resume_from, saved["global_step"], saved["max_steps"], budget)
+    elif max_steps <= 0 and args.max_minutes is not None:
+        fitted = fit_steps_to_budget(
+            model, data.train, data.collator, minutes=args.max_minutes,
+            batch_size=args.batch_size // world_size(), num_workers=args.num_workers, bf16=args.bf16,
+            device=device,
+        )
+        max_steps = math.ceil(fitted * STEP_HEADROOM)
+        logger.info(
+            "--max-minutes %g: %d steps of %d images fit the budget; the schedules follow the clock (at most %d "
+            "steps)", args.max_minutes, fitted, args.batch_size, max_steps,
+        )
 
     training_args = build_training_arguments(args, checkpoint_dir, max_steps, config, device)
     release = EncoderRelease(
@@ -126,9 +143,20 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         private=args.private,
     )
     callbacks = [DataEpochCallback(data.train), JsonlLogCallback(output_dir / "logs" / "train_log.jsonl")]
-    budget = TimeBudgetCallback(args.max_minutes) if args.max_minutes is not None else None
-    if budget is not None:
-        callbacks.append(budget)
+    if "tensorboard" in trackers:  # its own folder: the Trainer's output_dir is the checkpoints' staging folder
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "logs" / "tensorboard"))))
+    monitor = None
+    if args.knn_every > 0:
+        if data.eval_source is None or data.eval_source.labels is None or data.train_source.labels is None:
+            logger.warning("--knn-every: the data has no labelled held-out images; the kNN monitor is off")
+        else:
+            monitor = KnnMonitor(
+                release.processor, data.train_source, data.eval_source,
+                every=args.knn_every, images=args.knn_monitor_images, seed=args.seed, device=device,
+            )
     if args.push_to_hub and args.push_checkpoints:
 
         def export_and_push(model: MACRLForPreTraining, step: int) -> str:
@@ -144,6 +172,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         callbacks=callbacks,
         global_batch_size=args.batch_size,
         save_total_limit=args.save_total_limit,
+        max_minutes=args.max_minutes,
+        monitor=monitor,
     )
     try:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
@@ -151,6 +181,11 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         raise UnreadableImageError(f"{first_line(error)}; the checkpoints so far are kept in {checkpoint_dir}") from error
     if not trainer.is_world_process_zero():
         return {}
+    step, last = trainer.state.global_step, trainer.state.max_steps
+    if trainer.clock.stopped_by_budget:
+        logger.info("the %g-minute budget ended the run at step %d (of at most %d)", args.max_minutes, step, last)
+    else:
+        logger.info("the run ended at its last step, %d", step)
 
     model = trainer.model.eval()
     model.save_pretrained(output_dir)  # the full pre-training model, both branches
@@ -160,9 +195,14 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "train_loss": round(train_output.training_loss, 4),
         "training_minutes": round(train_output.metrics.get("train_runtime", 0.0) / 60, 2),
         "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
-        "stopped_by_time_budget": bool(budget and budget.stopped_early),
+        "stopped_by_time_budget": trainer.clock.stopped_by_budget,
+        "final_learning_rate": _last_logged(trainer, "learning_rate"),
+        "final_momentum": trainer.momentum_update.momentum,
         "augmentation": dataclasses.asdict(data.augmentation),
     }
+    if monitor is not None:
+        results["knn_monitor_seconds"] = round(monitor.seconds, 2)
+        results["knn_monitor_last"] = monitor.last
     evaluation = knn_of(model.macrl, release.processor, data, device) if args.knn else None
     if evaluation:
         results.update(evaluation)

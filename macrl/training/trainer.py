@@ -1,10 +1,13 @@
 """`Trainer` for MACRL pre-training, and the `TrainingArguments` a run gives it.
 
 What MACRL adds to the stock `transformers.Trainer`, through its public hooks only:
+- a `TrainingClock` (owned by the trainer) that the schedules follow: steps for a step-based run (the stock
+  cosine schedule, unchanged), the time budget for a `--max-minutes` run (a warm-up + cosine schedule of the
+  clock's progress, so it ends when the budget does);
 - the EMA update of the momentum branch after every optimiser step (`MomentumUpdateCallback`, owned by the
   trainer, whose current coefficient goes into the logs);
 - the logs carry the loss of the global batch (averaged over processes), its reconstruction and contrastive parts,
-  the EMA momentum and images/s;
+  the EMA momentum, images/s and the kNN monitor (`KnnMonitor`, when given), and the last step is always logged;
 - checkpoints are staged and renamed into place whole (`AtomicCheckpoints`, owned by the trainer: the
   `TrainingArguments.output_dir` is the staging folder `<checkpoint_dir>/.staging`);
 - resuming from a checkpoint with a missing or truncated file raises `CheckpointError`;
@@ -18,12 +21,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 
 from ..presets import base_learning_rate
 from .arguments import PretrainingArguments
-from .callbacks import MomentumUpdateCallback
+from .budget import TrainingClock, warmup_cosine
+from .callbacks import LogLastStepCallback, MomentumUpdateCallback
 from .checkpoints import STAGING_DIR, AtomicCheckpoints, CheckpointError, checkpoint_problem
+from .knn_monitor import KnnMonitor
 
 __all__ = ["MACRLPretrainer", "build_training_arguments", "world_size"]
 
@@ -65,7 +71,7 @@ def build_training_arguments(
         dataloader_drop_last=True,  # BatchNorm and InfoNCE want full, equal batches on every process
         dataloader_persistent_workers=args.num_workers > 0,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=[tracker for tracker in args.trackers() if tracker != "tensorboard"] or "none",
         # without use_cpu, accelerate treats several CPU processes as one and DDP never syncs them; with it False,
         # accelerate takes the accelerator there is (cuda, else mps)
         use_cpu=not accelerated,
@@ -83,10 +89,14 @@ class MACRLPretrainer(Trainer):
     """`transformers.Trainer` with what MACRL pre-training adds to it (module docstring)."""
 
     def __init__(self, model, args: TrainingArguments, *, global_batch_size: int, save_total_limit: int | None,
-                 callbacks=None, **kwargs):
-        self.momentum_update = MomentumUpdateCallback()
+                 max_minutes: float | None = None, monitor: KnnMonitor | None = None, callbacks=None, **kwargs):
+        self.clock = TrainingClock(max_minutes)
+        self.momentum_update = MomentumUpdateCallback(self.clock)
+        self.monitor = monitor
         checkpoints = AtomicCheckpoints(Path(args.output_dir).parent, save_total_limit)
-        super().__init__(model, args, callbacks=[self.momentum_update, checkpoints, *(callbacks or [])], **kwargs)
+        # the clock first (it decides the stop), the monitor and the last-step log after it
+        own = [self.clock, self.momentum_update, checkpoints, *([monitor] if monitor else []), LogLastStepCallback()]
+        super().__init__(model, args, callbacks=[*own, *(callbacks or [])], **kwargs)
         self.global_batch_size = global_batch_size
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._loss_parts_count = 0
@@ -100,6 +110,16 @@ class MACRLPretrainer(Trainer):
             if problem is not None:
                 raise CheckpointError(f"{resume_from_checkpoint} is not a complete checkpoint ({problem})")
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.clock.budget_seconds is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps) / max(num_training_steps, 1)
+        self.lr_scheduler = LambdaLR(
+            optimizer if optimizer is not None else self.optimizer,
+            lambda _: warmup_cosine(self.clock.progress, warmup),
+        )
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -118,6 +138,8 @@ class MACRLPretrainer(Trainer):
             self._loss_parts, self._loss_parts_count = {}, 0
             if self.momentum_update.momentum is not None:
                 logs["momentum"] = round(self.momentum_update.momentum, 6)
+            if self.monitor is not None:
+                logs.update(self.monitor.pop())
             now, step = time.monotonic(), self.state.global_step
             last_time, last_step = self._last_log
             if step > last_step:
