@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from transformers import get_cosine_schedule_with_warmup
 
+from macrl.precision import cpu_runs_bf16_fast
 from macrl.pretrain import main
 from macrl.training.budget import warmup_cosine
 
@@ -66,6 +67,9 @@ def test_budget_run_under_outside_load_still_ends_its_schedules(tmp_path):
     assert results["final_learning_rate"] < 0.05 * peak, results  # ...but not the end of the schedules
     assert results["final_momentum"] > 0.999, results
     assert _log(out)[-1]["step"] == results["steps"]  # the last step is logged
+    # precision unset: both timed where the CPU has bf16 kernels (the faster one trains), fp32 alone where it has none
+    assert ("s in bf16," in text) == cpu_runs_bf16_fast(), text
+    assert results["bf16"] is False or cpu_runs_bf16_fast()
 
 
 def test_resumed_budget_run_keeps_its_budget(tmp_path):

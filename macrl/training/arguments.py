@@ -55,8 +55,13 @@ class PretrainingArguments:
     push_checkpoints: bool = _flag(False, "With --push-to-hub, also upload encoder/ at every checkpoint.")
     num_workers: int = _flag(1, "Data-loading worker processes per training process.")
     device: str = _flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps.", choices=DEVICE_CHOICES)
-    bf16: bool = _flag(
-        False, "Train under bfloat16 autocast (recent GPUs; CPUs with AVX512 or AMX: on AVX2-only ones it is many times slower)."
+    bf16: bool | None = _flag(
+        None,
+        "Train under bfloat16 autocast: --bf16 / --bf16 false; unset, the faster one is chosen: bf16 on GPUs that have "
+        "it, and for a --max-minutes run on a CPU with bf16 kernels (AVX512, AMX) whichever a timed probe of both "
+        "finds faster; fp32 otherwise (on AVX2-only CPUs bf16 is many times slower).",
+        nargs="?",
+        const=True,
     )
     fp16: bool = _flag(False, "Train under float16 autocast with loss scaling (GPUs).")
     compile: bool = _flag(False, "Compile the model with torch.compile.")

@@ -19,6 +19,7 @@ from ..modeling_macrl import MACRLForPreTraining
 
 __all__ = [
     "PROBE_STEPS",
+    "probe_step_seconds",
     "STEP_HEADROOM",
     "TrainingClock",
     "fit_steps_to_budget",
@@ -43,20 +44,20 @@ def steady_step_seconds(durations: list[float]) -> float:
     return statistics.median_low(durations[len(durations) // 2 :])
 
 
-def fit_steps_to_budget(
+def probe_step_seconds(
     model: MACRLForPreTraining,
     dataset,
     collator,
     *,
-    minutes: float,
     batch_size: int,
     num_workers: int,
     bf16: bool,
     device: torch.device,
-) -> int:
-    """Optimiser steps that fit in `minutes`, from the time of a few real steps on a throwaway copy of `model`.
+) -> float:
+    """The steady time of a real training step, from `PROBE_STEPS` steps on a throwaway copy of `model`.
 
-    `batch_size` is the per-process batch; with several processes, the slowest one's time counts.
+    `batch_size` is the per-process batch; with several processes, the slowest one's time counts (the same value on
+    every process).
     """
     probe = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-6)
@@ -79,7 +80,12 @@ def fit_steps_to_budget(
     seconds = torch.tensor(steady_step_seconds(durations))
     if is_distributed():
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return max(int(minutes * 60 * STEP_TIME_SHARE / seconds.item()), 1)
+    return seconds.item()
+
+
+def fit_steps_to_budget(minutes: float, step_seconds: float) -> int:
+    """Optimiser steps of `step_seconds` that fit in `minutes`, with room for logging, checkpoints, epoch ends."""
+    return max(int(minutes * 60 * STEP_TIME_SHARE / step_seconds), 1)
 
 
 class TrainingClock(TrainerCallback, ExportableState):
@@ -95,8 +101,9 @@ class TrainingClock(TrainerCallback, ExportableState):
     progress on every process, and no device synchronisation.
     """
 
-    def __init__(self, max_minutes: float | None = None):
+    def __init__(self, max_minutes: float | None = None, bf16: bool = False):
         self.max_minutes = max_minutes
+        self.bf16 = bf16  # the precision the run chose at its start, which a resume keeps
         self.spent_before = 0.0  # seconds spent by the processes that trained before a resume
         self.started: float | None = None
         self.progress = 0.0
@@ -112,7 +119,10 @@ class TrainingClock(TrainerCallback, ExportableState):
         return self.spent_before + (0.0 if self.started is None else time.monotonic() - self.started)
 
     def state(self) -> dict:
-        return {"args": {"max_minutes": self.max_minutes}, "attributes": {"spent_seconds": self.spent_seconds()}}
+        return {
+            "args": {"max_minutes": self.max_minutes, "bf16": self.bf16},
+            "attributes": {"spent_seconds": self.spent_seconds(), "bf16": self.bf16},
+        }
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)

@@ -28,10 +28,10 @@ from ..errors import InputError, first_line
 from ..evaluation.frozen_features import evaluate_encoder
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
-from ..precision import slow_bf16_warning
+from ..precision import cpu_runs_bf16_fast, slow_bf16_warning
 from ..presets import load_config
 from .arguments import PretrainingArguments
-from .budget import STEP_HEADROOM, fit_steps_to_budget
+from .budget import STEP_HEADROOM, fit_steps_to_budget, probe_step_seconds
 from .callbacks import DataEpochCallback, JsonlLogCallback, PushCheckpointCallback
 from .checkpoints import resolve_checkpoint
 from .data import PretrainingData, build_augmentation, build_pretraining_data
@@ -64,6 +64,16 @@ def knn_of(encoder, processor: MACRLImageProcessor, data: PretrainingData, devic
         "knn_train_images": results["train_images"],
         "knn_test_images": results["test_images"],
     }
+
+
+def _precisions_to_time(bf16: bool | None, device: torch.device) -> tuple[bool, ...]:
+    """The precisions a budget run times before it starts: the one asked for; unset, bf16 on a GPU that has it,
+    fp32 and bf16 on a CPU with bf16 kernels, fp32 elsewhere (a bf16 probe on such a CPU would cost minutes)."""
+    if bf16 is not None:
+        return (bf16,)
+    if device.type == "cuda":
+        return (torch.cuda.is_bf16_supported(),)
+    return (False, True) if device.type == "cpu" and cpu_runs_bf16_fast() else (False,)
 
 
 def _last_logged(trainer: MACRLPretrainer, key: str) -> float | None:
@@ -101,25 +111,38 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     model = MACRLForPreTraining(config)
     if args.bf16 and (warning := slow_bf16_warning(device, "--bf16")):
         logger.warning(warning)
-    max_steps = args.max_steps
+    max_steps, bf16 = args.max_steps, args.bf16
     if resume_from is not None:
         saved = json.loads(Path(resume_from, "trainer_state.json").read_text())
+        clock = saved.get("stateful_callbacks", {}).get("TrainingClock", {}).get("attributes", {})
         if max_steps <= 0 and args.max_minutes is not None:
             max_steps = saved["max_steps"]
-        spent = saved.get("stateful_callbacks", {}).get("TrainingClock", {}).get("attributes", {}).get("spent_seconds")
+        if bf16 is None:  # the precision the run chose at its start
+            bf16 = clock.get("bf16")
+        spent = clock.get("spent_seconds")
         budget = f", {spent / 60:.1f} of {args.max_minutes:g} minutes spent" if spent and args.max_minutes else ""
         logger.info("resuming %s at step %d of %d%s", resume_from, saved["global_step"], saved["max_steps"], budget)
     elif max_steps <= 0 and args.max_minutes is not None:
-        fitted = fit_steps_to_budget(
-            model, data.train, data.collator, minutes=args.max_minutes,
-            batch_size=args.batch_size // world_size(), num_workers=args.num_workers, bf16=args.bf16,
-            device=device,
-        )
+        timed = {
+            choice: probe_step_seconds(
+                model, data.train, data.collator, batch_size=args.batch_size // world_size(),
+                num_workers=args.num_workers, bf16=choice, device=device,
+            )
+            for choice in _precisions_to_time(bf16, device)
+        }
+        bf16 = min(timed, key=timed.get)
+        if len(timed) > 1:
+            logger.info("a step takes %.3f s in bf16, %.3f s in fp32: training in %s", timed[True], timed[False],
+                        "bf16" if bf16 else "fp32")
+        fitted = fit_steps_to_budget(args.max_minutes, timed[bf16])
         max_steps = math.ceil(fitted * STEP_HEADROOM)
         logger.info(
             "--max-minutes %g: %d steps of %d images fit the budget; the schedules follow the clock (at most %d "
             "steps)", args.max_minutes, fitted, args.batch_size, max_steps,
         )
+    if bf16 is None:  # a step-based run: bf16 where the accelerator has it, the CPU's result stays fp32's
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    args = dataclasses.replace(args, bf16=bool(bf16))
 
     training_args = build_training_arguments(args, checkpoint_dir, max_steps, config, device)
     release = EncoderRelease(
@@ -173,6 +196,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         global_batch_size=args.batch_size,
         save_total_limit=args.save_total_limit,
         max_minutes=args.max_minutes,
+        bf16=args.bf16,
         monitor=monitor,
     )
     try:
@@ -196,6 +220,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "training_minutes": round(train_output.metrics.get("train_runtime", 0.0) / 60, 2),
         "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
         "stopped_by_time_budget": trainer.clock.stopped_by_budget,
+        "bf16": args.bf16,
         "final_learning_rate": _last_logged(trainer, "learning_rate"),
         "final_momentum": trainer.momentum_update.momentum,
         "augmentation": dataclasses.asdict(data.augmentation),

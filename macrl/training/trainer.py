@@ -89,8 +89,9 @@ class MACRLPretrainer(Trainer):
     """`transformers.Trainer` with what MACRL pre-training adds to it (module docstring)."""
 
     def __init__(self, model, args: TrainingArguments, *, global_batch_size: int, save_total_limit: int | None,
-                 max_minutes: float | None = None, monitor: KnnMonitor | None = None, callbacks=None, **kwargs):
-        self.clock = TrainingClock(max_minutes)
+                 max_minutes: float | None = None, bf16: bool = False, monitor: KnnMonitor | None = None,
+                 callbacks=None, **kwargs):
+        self.clock = TrainingClock(max_minutes, bf16)
         self.momentum_update = MomentumUpdateCallback(self.clock)
         self.monitor = monitor
         checkpoints = AtomicCheckpoints(Path(args.output_dir).parent, save_total_limit)
