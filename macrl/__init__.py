@@ -1,11 +1,14 @@
 """MACRL: Masked Contrastive Representation Learning (MAE + MoCo v3) for vision transformers.
 
 Importing `macrl` registers the MACRL classes with transformers' Auto classes, so `AutoConfig`, `AutoModel`,
-`AutoModelForPreTraining`, `AutoModelForImageClassification` and `AutoImageProcessor` load MACRL folders, and
-`save_pretrained` writes the code files (the image processor's too) and `auto_map` that `trust_remote_code=True` needs where macrl is absent.
+`AutoModelForPreTraining`, `AutoModelForImageClassification`, `AutoBackbone` and `AutoImageProcessor` load MACRL
+folders (and a `MACRLConfig` serves as the `backbone_config` of dense-prediction models such as UperNet), and
+`save_pretrained` writes the code files (the image processor's and the backbone's too) and `auto_map` that
+`trust_remote_code=True` needs where macrl is absent.
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -21,6 +24,7 @@ from .modeling_macrl import (
     MACRLModel,
     MACRLPreTrainedModel,
 )
+from .modeling_macrl_backbone import MACRLBackbone
 
 __version__ = "0.1.0"
 
@@ -28,6 +32,7 @@ AutoConfig.register(MACRLConfig.model_type, MACRLConfig, exist_ok=True)
 AutoModel.register(MACRLConfig, MACRLModel, exist_ok=True)
 AutoModelForPreTraining.register(MACRLConfig, MACRLForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(MACRLConfig, MACRLForImageClassification, exist_ok=True)
+AutoBackbone.register(MACRLConfig, MACRLBackbone, exist_ok=True)
 AutoImageProcessor.register(MACRLConfig, image_processor_classes={"torchvision": MACRLImageProcessor}, exist_ok=True)
 
 # Saved folders carry the code and `auto_map`, for loading with trust_remote_code=True where macrl is not installed.
@@ -35,6 +40,7 @@ MACRLConfig.register_for_auto_class()
 MACRLModel.register_for_auto_class("AutoModel")
 MACRLForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 MACRLForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MACRLBackbone.register_for_auto_class("AutoBackbone")
 
 __all__ = [
     "MACRLConfig",
@@ -43,4 +49,5 @@ __all__ = [
     "MACRLModel",
     "MACRLForPreTraining",
     "MACRLForImageClassification",
+    "MACRLBackbone",
 ]

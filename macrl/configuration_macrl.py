@@ -5,6 +5,7 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 POOLINGS = ("cls", "mean")
@@ -12,7 +13,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
 
 @strict
-class MACRLConfig(PreTrainedConfig):
+class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a MACRL model (Masked Contrastive Representation Learning, arXiv 2211.06012): a ViT encoder
     trained with a masked-image-modelling decoder (MAE) and a MoCo v3 contrastive head against a momentum branch.
@@ -35,7 +36,8 @@ class MACRLConfig(PreTrainedConfig):
         hidden_dropout_prob (`float`, defaults to 0.0): dropout after the attention and MLP projections.
         attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on the attention weights.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth rate, growing linearly over the blocks.
-        initializer_range (`float`, defaults to 0.02): standard deviation of the CLS and mask token init.
+        initializer_range (`float`, defaults to 0.02): standard deviation of the CLS and mask token init and of the
+            classifier weights of `MACRLForImageClassification`.
         pooling (`str`, defaults to `"cls"`): how `pooler_output` is made from the encoder tokens: `"cls"` (the CLS
             token) or `"mean"` (mean of the patch tokens). Contrastive features and the classifier use it too.
 
@@ -65,6 +67,15 @@ class MACRLConfig(PreTrainedConfig):
     Objective:
         reconstruction_weight (`float`, defaults to 1.0): weight of the reconstruction loss (0 gives MoCo v3).
         contrastive_weight (`float`, defaults to 1.0): weight of the contrastive loss (0 gives MAE).
+
+    Backbone (`MACRLBackbone`, the encoder as the backbone of a dense-prediction model such as UperNet or DPT; its
+    stages are `"stem"`, the embeddings, and `"stage1"` ... `"stageN"`, the output of each of the N encoder blocks):
+        out_features (`list[str]`, *optional*): names of the stages whose feature maps the backbone returns.
+        out_indices (`list[int]`, *optional*): indices of those stages in `stage_names` (0 is `"stem"`); give either
+            this or `out_features`, or both in agreement. Neither: the last stage.
+        apply_layernorm (`bool`, defaults to `True`): pass every feature map through the encoder's final LayerNorm.
+        reshape_hidden_states (`bool`, defaults to `True`): return feature maps as `[batch, hidden_size, H/p, W/p]`
+            (patch tokens only); `False` keeps the tokens, `[batch, 1 + num_patches, hidden_size]`, CLS first.
 
     Every field is validated on construction: a value out of range raises a `ValueError` that names the field, a
     value of the wrong type a `huggingface_hub.errors.StrictDataclassFieldValidationError`.
@@ -117,9 +128,23 @@ class MACRLConfig(PreTrainedConfig):
     reconstruction_weight: float | int = 1.0
     contrastive_weight: float | int = 1.0
 
+    # set through the `out_features` / `out_indices` properties of BackboneConfigMixin, as in transformers' Dinov2Config
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+    apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
+
     def __post_init__(self, **kwargs):
         # Validate before the base class runs, so a bad value fails as a plain ValueError naming the field.
         self._check_fields()
+        kwargs.pop("stage_names", None)  # a property here (Dinov2Config and others save it)
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        try:
+            self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        except ValueError as error:
+            given = {"out_features": out_features, "out_indices": out_indices}
+            names = ", ".join(f"MACRLConfig.{name}={value!r}" for name, value in given.items() if value is not None)
+            raise ValueError(f"{names}: {error}") from None
         super().__post_init__(**kwargs)
 
     def _check_fields(self) -> None:
@@ -203,6 +228,11 @@ class MACRLConfig(PreTrainedConfig):
         declaration order; the generic ones (`output_hidden_states`, `id2label`...) are not among them."""
         inherited = set(PreTrainedConfig.__dataclass_fields__)
         return [name for name in cls.__dataclass_fields__ if name not in inherited]
+
+    @property
+    def stage_names(self) -> list[str]:
+        """`MACRLBackbone`'s stages: `"stem"` (the embeddings), then `"stage1"` ... `"stageN"`, one per block."""
+        return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
 
     @property
     def num_patches(self) -> int:

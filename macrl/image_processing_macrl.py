@@ -1,5 +1,9 @@
 """Image processor for MACRL encoders: transformers' ViT processor that also serves 1-channel models."""
 
+import json
+import os
+from pathlib import Path
+
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
@@ -108,18 +112,42 @@ class MACRLImageProcessor(ViTImageProcessor):
             tensor = tvF.rgb_to_grayscale(tensor)
         return tensor
 
-    def to_dict(self) -> dict:
-        # Leave the class to `auto_map` in config.json: with an `image_processor_type` here, AutoImageProcessor never
-        # reads that map and fails where macrl is not installed; with an `auto_map` here, the pipeline's video
-        # processor lookup derives a non-existent remote `MACRLVideoProcessor` from it and asks to trust remote code.
-        output = super().to_dict()
-        output.pop("image_processor_type", None)
-        return output
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write `preprocessor_config.json`, naming the class (`image_processor_type`) unless the folder's config.json
+        maps `AutoImageProcessor` in its `auto_map` (a model folder saved with its code).
+
+        A processor saved on its own needs the name: it is all `AutoImageProcessor` has to go by. Next to a model's
+        code it must leave the class to that `auto_map`: with an `image_processor_type`, AutoImageProcessor never reads
+        the map and fails where macrl is not installed. (An `auto_map` in this file would not do: the pipeline's video
+        processor lookup derives a non-existent remote `MACRLVideoProcessor` from it and asks to trust remote code.)
+        """
+        super().to_json_file(json_file_path)
+        path = Path(json_file_path)
+        if _maps_image_processor(path.with_name("config.json")):
+            leave_class_to_auto_map(path)
 
     @classmethod
     def from_model_config(cls, config) -> "MACRLImageProcessor":
         """The processor that matches a `MACRLConfig` (size and channels), with the default normalisation."""
         return cls(size={"height": config.image_size, "width": config.image_size}, num_channels=config.num_channels)
+
+
+def _maps_image_processor(config_path: Path) -> bool:
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "AutoImageProcessor" in (config.get("auto_map") or {})
+
+
+def leave_class_to_auto_map(path: Path) -> None:
+    """Drop `image_processor_type` from a MACRL `preprocessor_config.json`, if there is one (see `to_json_file`)."""
+    if not path.is_file():
+        return
+    processor = json.loads(path.read_text(encoding="utf-8"))
+    if processor.get("image_processor_type") == MACRLImageProcessor.__name__:
+        del processor["image_processor_type"]
+        path.write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 __all__ = ["MACRLImageProcessor"]

@@ -7,29 +7,33 @@ Layout of the pre-training model (`MACRLForPreTraining`):
     weak view ──► momentum_encoder ─► pool ─► momentum_projector ─► k       (EMA of the above, no gradient)
     loss = reconstruction_weight * L1 + contrastive_weight * InfoNCE(q, k)
 
-`MACRLModel` (the encoder users download) keeps timm's `VisionTransformer` parameter names (`patch_embed`,
-`cls_token`, `pos_embed`, `blocks`, `norm`), so its `model.safetensors` loads into timm unchanged; that is why it
-has no `embeddings.` / `encoder.layer.` prefixes like transformers' ViT.
+`MACRLModel` (the encoder users download) keeps timm's `VisionTransformer` state-dict names (`patch_embed.proj`,
+`cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), so its
+`model.safetensors` loads into timm unchanged; that is why it has no `embeddings.` / `encoder.layer.` prefixes like
+transformers' ViT. The blocks are MACRL's own, so attention runs through transformers' attention interface
+(`config._attn_implementation`: eager, sdpa, flex, flash).
 """
 
 import math
 import os
 import shutil
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, get_act_layer, resample_abs_pos_embed
-from timm.models.vision_transformer import Block
+from timm.layers import DropPath, get_act_layer, resample_abs_pos_embed
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.vit_mae.modeling_vit_mae import (
+    build_2d_sinusoidal_position_embedding,
+    eager_attention_forward,
+)
+from transformers.utils import ModelOutput, is_torchdynamo_compiling
 
 from .configuration_macrl import MACRLConfig
 from .contrastive_loss import info_nce_loss
@@ -42,7 +46,10 @@ _AUTO_MAP = {
     "AutoModelForPreTraining": "modeling_macrl.MACRLForPreTraining",
     "AutoModelForImageClassification": "modeling_macrl.MACRLForImageClassification",
     "AutoImageProcessor": "image_processing_macrl.MACRLImageProcessor",
+    "AutoBackbone": "modeling_macrl_backbone.MACRLBackbone",
 }
+# the code files a folder carries besides the saving class's own module and what it imports
+_EXTRA_CODE_FILES = ("image_processing_macrl.py", "modeling_macrl_backbone.py")
 
 
 @dataclass
@@ -56,12 +63,17 @@ class MACRLModelOutput(ModelOutput):
         pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
             The image feature: the CLS token or the mean of the patch tokens, as `config.pooling` says.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
-            The embeddings and the output of every block, each `(batch_size, 1 + num_patches, hidden_size)`.
+            The embeddings and the output of every block (before the final LayerNorm), `num_hidden_layers + 1`
+            tensors of shape `(batch_size, 1 + num_patches, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            The softmax attention weights of every block, `num_hidden_layers` tensors of shape
+            `(batch_size, num_attention_heads, 1 + num_patches, 1 + num_patches)`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -85,6 +97,13 @@ class MACRLForPreTrainingOutput(ModelOutput):
             Permutation that puts the shuffled patch tokens back in image order.
         pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
             Pooled encoder feature of the (masked) strong view.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+            The main encoder's embeddings and block outputs on the strong view's visible patches, as ViTMAE returns
+            them: `num_hidden_layers + 1` tensors of shape `(batch_size, 1 + num_visible_patches, hidden_size)`, with
+            `num_visible_patches = int(num_patches * (1 - mask_ratio))`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            The main encoder's attention weights on the same tokens, `num_hidden_layers` tensors of shape
+            `(batch_size, num_attention_heads, 1 + num_visible_patches, 1 + num_visible_patches)`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -94,6 +113,8 @@ class MACRLForPreTrainingOutput(ModelOutput):
     mask: torch.FloatTensor | None = None
     ids_restore: torch.LongTensor | None = None
     pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
@@ -115,65 +136,140 @@ def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
     raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
-class MACRLBlock(Block, GradientCheckpointingLayer):
-    """timm's pre-norm ViT block (SDPA attention), with transformers' gradient checkpointing switch."""
+def mlp_width(dim: int, mlp_dim: int) -> int:
+    """The hidden width of a block's MLP: timm's `int(dim * mlp_ratio)` for `mlp_ratio = mlp_dim / dim`.
 
-    def __init__(self, config: MACRLConfig, dim: int, num_heads: int, mlp_dim: int, drop_path: float = 0.0):
-        super().__init__(
-            dim=dim,
-            num_heads=num_heads,
-            mlp_ratio=mlp_dim / dim,
-            qkv_bias=config.qkv_bias,
-            proj_drop=config.hidden_dropout_prob,
-            attn_drop=config.attention_probs_dropout_prob,
-            drop_path=drop_path,
-            act_layer=get_act_layer(config.hidden_act),
-            norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps),
-        )
+    That is `mlp_dim` for every usual size and one less for some odd ones (dim 28, mlp_dim 61 gives 60): the width the
+    timm-built blocks of earlier MACRL versions had, and what `timm.create_model(..., mlp_ratio=mlp_dim / dim)` builds.
+    """
+    return int(dim * (mlp_dim / dim))
 
 
-class MACRLPatchEmbeddings(PatchEmbed):
-    """timm's convolutional patch embedding: `[B, C, H, W]` -> `[B, H/p * W/p, D]`."""
+class MACRLPatchEmbeddings(nn.Module):
+    """Convolutional patch embedding, timm's `PatchEmbed` without its options: `[B, C, H, W]` -> `[B, H/p * W/p, D]`.
+
+    The size check lives in `MACRLModel`, which knows about `interpolate_pos_encoding`.
+    """
 
     def __init__(self, config: MACRLConfig):
-        # the size check lives in MACRLModel, which knows about `interpolate_pos_encoding`
-        super().__init__(
-            img_size=config.image_size,
-            patch_size=config.patch_size,
-            in_chans=config.num_channels,
-            embed_dim=config.hidden_size,
-            strict_img_size=False,
+        super().__init__()
+        size = config.patch_size
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=size, stride=size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values).flatten(2).transpose(1, 2)  # [B, D, H/p, W/p] -> [B, L, D]
+
+
+class MACRLAttention(nn.Module):
+    """Multi-head self-attention with timm's fused `qkv` and `proj` layers, computed by the attention function
+    `config._attn_implementation` names (eager, sdpa, flex_attention, flash_attention_*).
+
+    sdpa, flex and flash never materialise the attention weights: a call with `output_attentions=True` is computed
+    eagerly, so it returns them whatever the implementation.
+    """
+
+    def __init__(self, config: MACRLConfig, dim: int, num_heads: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, num_tokens, dim = hidden_states.shape  # [N, T, D]
+        qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [N, heads, T, D / heads]
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
         )
+        attn_output = attn_output.reshape(batch_size, num_tokens, dim)  # [N, T, heads, D / heads] -> [N, T, D]
+        return self.proj_drop(self.proj(attn_output)), attn_weights
 
 
-class MACRLEncoder(nn.Sequential):
+class MACRLMLP(nn.Module):
+    """The block's MLP, `fc1` - activation - `fc2`, with dropout after the activation and after `fc2` (timm's `Mlp`)."""
+
+    def __init__(self, config: MACRLConfig, dim: int, mlp_dim: int):
+        super().__init__()
+        width = mlp_width(dim, mlp_dim)
+        self.fc1 = nn.Linear(dim, width)
+        self.act = get_act_layer(config.hidden_act)()
+        self.fc2 = nn.Linear(width, dim)
+        self.drop = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.drop(self.act(self.fc1(hidden_states)))  # [N, T, width]
+        return self.drop(self.fc2(hidden_states))  # [N, T, D]
+
+
+class MACRLBlock(GradientCheckpointingLayer):
+    """Pre-norm ViT block with timm's module names (`norm1`, `attn`, `norm2`, `mlp`) and stochastic depth."""
+
+    def __init__(self, config: MACRLConfig, dim: int, num_heads: int, mlp_dim: int, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = MACRLAttention(config, dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = MACRLMLP(config, dim, mlp_dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention, attn_weights = self.attn(self.norm1(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.drop_path(attention)
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
+        return hidden_states, attn_weights
+
+
+class MACRLEncoder(nn.ModuleList):
     """The stack of encoder blocks (named `blocks`, as in timm)."""
 
     def __init__(self, config: MACRLConfig):
-        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
-        super().__init__(
-            *[
-                MACRLBlock(config, config.hidden_size, config.num_attention_heads, config.intermediate_size, rate)
-                for rate in drop_path_rates
-            ]
-        )
+        # stochastic depth grows linearly from 0 to drop_path_rate (timm's linspace, in Python: no tensor is made, so
+        # the model also builds on the meta device)
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * index / max(depth - 1, 1) for index in range(depth)]
+        dim, heads, mlp_dim = config.hidden_size, config.num_attention_heads, config.intermediate_size
+        super().__init__([MACRLBlock(config, dim, heads, mlp_dim, rate) for rate in rates])
 
     def forward(
-        self, hidden_states: torch.Tensor, output_hidden_states: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        self, hidden_states: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutput:
+        """`[N, T, D]` through every block. `hidden_states` holds the input and every block's output."""
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for block in self:
-            hidden_states = block(hidden_states)
+            hidden_states, attn_weights = block(hidden_states, output_attentions)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        return hidden_states, all_hidden_states
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
 
 
 class MACRLDecoder(nn.Module):
     """MAE's shallow decoder: mask tokens fill the hidden patches, blocks mix them, a linear layer predicts pixels.
 
     Parameter names follow facebookresearch/mae (`decoder_embed`, `mask_token`, `decoder_pos_embed`,
-    `decoder_blocks`, `decoder_norm`, `decoder_pred`).
+    `decoder_blocks`, `decoder_norm`, `decoder_pred`); the fixed positions are a buffer saved with the weights.
     """
 
     def __init__(self, config: MACRLConfig):
@@ -181,7 +277,7 @@ class MACRLDecoder(nn.Module):
         dim = config.decoder_hidden_size
         self.decoder_embed = nn.Linear(config.hidden_size, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim), requires_grad=False)
+        self.register_buffer("decoder_pos_embed", torch.zeros(1, config.num_patches + 1, dim))
         self.decoder_blocks = nn.ModuleList(
             [
                 MACRLBlock(config, dim, config.decoder_num_attention_heads, config.decoder_intermediate_size)
@@ -201,7 +297,7 @@ class MACRLDecoder(nn.Module):
         x = torch.cat([x[:, :1], patches], dim=1)  # [B, 1 + L, Dd]
         x = x + self._position_embedding(num_patches)
         for block in self.decoder_blocks:
-            x = block(x)
+            x, _ = block(x)
         x = self.decoder_norm(x)
         return self.decoder_pred(x)[:, 1:]  # [B, L, p*p*C], CLS dropped
 
@@ -240,7 +336,12 @@ class MACRLPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["MACRLBlock"]
+    # MACRLAttention goes through ALL_ATTENTION_FUNCTIONS without a mask, so every registered implementation applies
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
     # a MACRLModel or classifier loaded from a pre-training folder leaves the pre-training heads behind, silently
     _keys_to_ignore_on_load_unexpected = [
         r"^(decoder|projector|predictor|momentum_encoder|momentum_decoder|momentum_projector)\.",
@@ -249,24 +350,46 @@ class MACRLPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`. A folder that carries the code maps every MACRL Auto class in the
-        `auto_map` of its config.json, the image processor's included, so `trust_remote_code=True` loads any of them."""
+        `auto_map` of its config.json, the image processor's and the backbone's included, so `trust_remote_code=True`
+        loads any of them; the image processor then leaves its class to that map (see
+        `MACRLImageProcessor.to_json_file`)."""
         if self._auto_class is not None:
             self.config.auto_map = dict(_AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if self._auto_class is not None:
-            shutil.copy(Path(__file__).with_name("image_processing_macrl.py"), save_directory)
+            for name in _EXTRA_CODE_FILES:
+                shutil.copy(Path(__file__).with_name(name), save_directory)
+            from .image_processing_macrl import leave_class_to_auto_map
+
+            leave_class_to_auto_map(Path(save_directory) / "preprocessor_config.json")  # saved before the model
+
+    def _output_flags(
+        self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """The call's `output_hidden_states`, `output_attentions` and `return_dict`, the config's where not given."""
+        config = self.config
+        return (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states,
+            output_attentions if output_attentions is not None else config.output_attentions,
+            return_dict if return_dict is not None else config.return_dict,
+        )
 
     def _init_weights(self, module: nn.Module) -> None:
-        """MAE's initialisation: xavier-uniform linear layers, fixed sin-cos positions, N(0, 0.02) tokens."""
+        """MAE's initialisation, leaf by leaf (transformers initialises each module that owns tensors, and a checkpoint
+        without some of them only those): xavier-uniform linear layers and patch projection, fixed sin-cos positions,
+        N(0, initializer_range) tokens, a fresh random MoCo queue."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, MACRLPatchEmbeddings):
-            # initialise the patch projection like a linear layer, as MAE does
-            init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
-            init.zeros_(module.proj.bias)
+        elif isinstance(module, nn.Conv2d):
+            # the patch projection, initialised like a linear layer as MAE does; the flattening view would not carry
+            # the flag that marks a loaded weight, so it is checked here
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
             if module.weight is not None:
                 init.ones_(module.weight)
@@ -283,6 +406,9 @@ class MACRLPreTrainedModel(PreTrainedModel):
             grid = self.config.image_size // self.config.patch_size
             init.copy_(module.decoder_pos_embed, sincos_position_embedding(grid, self.config.decoder_hidden_size))
             init.normal_(module.mask_token, std=std)
+        elif isinstance(module, MACRLForPreTraining) and self.config.queue_size > 0:
+            init.copy_(module.queue, F.normalize(torch.randn_like(module.queue), dim=1))
+            init.zeros_(module.queue_ptr)
 
 
 class MACRLModel(MACRLPreTrainedModel):
@@ -293,7 +419,7 @@ class MACRLModel(MACRLPreTrainedModel):
         self.patch_embed = MACRLPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         # fixed (not learned) 2D sin-cos positions, as in MAE
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size), requires_grad=False)
+        self.register_buffer("pos_embed", torch.zeros(1, config.num_patches + 1, config.hidden_size))
         self.blocks = MACRLEncoder(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -302,7 +428,12 @@ class MACRLModel(MACRLPreTrainedModel):
         return self.patch_embed
 
     def check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
-        """Raise a `ValueError` that names the expected shape or dtype when `pixel_values` cannot be encoded."""
+        """Raise a `ValueError` that names the expected shape or dtype when `pixel_values` cannot be encoded.
+
+        Type, shape and dtype are checked on every call. NaN and infinite values are checked only in eager mode on the
+        CPU: the check depends on the values, so it would break a `torch.compile(fullgraph=True)` graph or a
+        `torch.export` program, and on an accelerator it would wait for the device at every step.
+        """
         config = self.config
         expected = f"(batch_size, {config.num_channels}, {config.image_size}, {config.image_size})"
         if not isinstance(pixel_values, torch.Tensor):
@@ -330,9 +461,11 @@ class MACRLModel(MACRLPreTrainedModel):
                 f"image size {height}x{width} does not match the model's {config.image_size}x{config.image_size}: "
                 f"expected {expected}; resize the images or pass interpolate_pos_encoding=True"
             )
-        # Performance: a float32 sum is non-finite whenever an element is (NaN and inf propagate) and is ~25x faster
-        # than `isfinite().all()` on a CPU batch (22 ms -> 0.8 ms for 32 images of 224 px); only a sum that overflows
-        # is checked element by element, so the outcome is the same.
+        if is_torchdynamo_compiling() or pixel_values.device.type != "cpu":
+            return
+        # Performance: a float32 sum is non-finite whenever an element is (NaN and inf propagate) and is much faster
+        # than `isfinite().all()` on a CPU batch; only a sum that overflows is checked element by element, so the
+        # outcome is the same.
         if not torch.isfinite(pixel_values.sum(dtype=torch.float32)) and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contains NaN or infinite values")
 
@@ -362,8 +495,10 @@ class MACRLModel(MACRLPreTrainedModel):
         noise: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
-        """Encode the visible patches. Returns tokens `[N, 1 + L_keep, D]`, mask, ids_restore and hidden states."""
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, BaseModelOutput]:
+        """Encode the visible patches. Returns the normalised tokens `[N, 1 + L_keep, D]`, mask and ids_restore
+        (`None` without masking) and the blocks' output (`hidden_states` / `attentions` when asked for)."""
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         x = self.patch_embed(pixel_values)  # [N, L, D]
         pos_embed = self._position_embedding(pixel_values.shape[2:], interpolate_pos_encoding)
@@ -373,8 +508,8 @@ class MACRLModel(MACRLPreTrainedModel):
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, L_keep, D]
         cls_tokens = (self.cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls_tokens, x], dim=1)  # [N, 1 + L_keep, D]
-        x, hidden_states = self.blocks(x, output_hidden_states)
-        return self.norm(x), mask, ids_restore, hidden_states
+        blocks_output = self.blocks(x, output_hidden_states, output_attentions)
+        return self.norm(blocks_output.last_hidden_state), mask, ids_restore, blocks_output
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """`[N, 1 + L, D]` -> `[N, D]` with the config's pooling (`pool_tokens`)."""
@@ -385,6 +520,7 @@ class MACRLModel(MACRLPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MACRLModelOutput | tuple:
@@ -396,17 +532,25 @@ class MACRLModel(MACRLPreTrainedModel):
                 Resample the position embedding to accept images of another size (a multiple of the patch size).
             output_hidden_states (`bool`, *optional*):
                 Also return the embeddings and the output of every block.
+            output_attentions (`bool`, *optional*):
+                Also return the attention weights of every block (computed eagerly for that call).
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        flags = self._output_flags(output_hidden_states, output_attentions, return_dict)
+        output_hidden_states, output_attentions, return_dict = flags
+        tokens, _, _, blocks_output = self.forward_encoder(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tokens, _, _, hidden_states = self.forward_encoder(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, output_hidden_states=output_hidden_states
+        output = MACRLModelOutput(
+            last_hidden_state=tokens,
+            pooler_output=self.pool(tokens),
+            hidden_states=blocks_output.hidden_states,
+            attentions=blocks_output.attentions,
         )
-        output = MACRLModelOutput(last_hidden_state=tokens, pooler_output=self.pool(tokens), hidden_states=hidden_states)
         return output if return_dict else output.to_tuple()
 
     def _position_embedding(self, image_hw: torch.Size, interpolate: bool) -> torch.Tensor:
@@ -417,7 +561,19 @@ class MACRLModel(MACRLPreTrainedModel):
 
 
 class MACRLForPreTraining(MACRLPreTrainedModel):
-    """MACRL pre-training model: main branch (encoder, decoder, projector, predictor) and its momentum twin."""
+    """MACRL pre-training model: main branch (encoder, decoder, projector, predictor) and its momentum twin.
+
+    The momentum branch is frozen and equal to the main branch at the start, whether built from a config or loaded
+    (`from_pretrained` copies the momentum weights a checkpoint lacks from the main branch); the EMA
+    (`update_momentum_branch`) then moves it.
+    """
+
+    # (main, momentum) attribute names; the predictor has no twin
+    _momentum_pairs = (
+        ("macrl", "momentum_encoder"),
+        ("decoder", "momentum_decoder"),
+        ("projector", "momentum_projector"),
+    )
 
     def __init__(self, config: MACRLConfig):
         super().__init__(config)
@@ -452,22 +608,35 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
         )
 
     def _branch_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.macrl, self.momentum_encoder),
-            (self.decoder, self.momentum_decoder),
-            (self.projector, self.momentum_projector),
-        ]
+        return [(getattr(self, main), getattr(self, momentum)) for main, momentum in self._momentum_pairs]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.macrl.patch_embed
 
     @torch.no_grad()
-    def init_momentum_branch(self) -> None:
-        """Copy the main branch into the momentum branch and freeze it (MoCo's start)."""
-        for main, momentum in self._branch_pairs():
-            for param_main, param_momentum in zip(main.parameters(), momentum.parameters()):
-                param_momentum.copy_(param_main)
-                param_momentum.requires_grad = False
+    def init_momentum_branch(self, missing_keys: set[str] | list[str] | None = None) -> None:
+        """Copy the main branch into the momentum branch and freeze it (MoCo's start).
+
+        With `missing_keys` (a load report's), only the momentum weights and buffers named there are copied, and the
+        loaded ones are kept; the whole momentum branch is frozen either way.
+        """
+        for main_name, momentum_name in self._momentum_pairs:
+            main, momentum = getattr(self, main_name), getattr(self, momentum_name)
+            main_state = main.state_dict()
+            for name, tensor in momentum.state_dict(keep_vars=True).items():
+                if missing_keys is None or f"{momentum_name}.{name}" in missing_keys:
+                    tensor.copy_(main_state[name])
+            momentum.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then `init_momentum_branch(missing_keys)`: an encoder-only folder (the
+        warm start from a released encoder) gets a momentum branch equal to its main branch, and the momentum branch
+        is frozen again (the loader makes every parameter it creates trainable)."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model.init_momentum_branch(set(loading_info["missing_keys"]))
+        return (model, loading_info) if output_loading_info else model
 
     def momentum_at(self, progress: float) -> float:
         """Cosine schedule of the EMA coefficient: `config.momentum` at progress 0, 1 at progress 1 (MoCo v3/BYOL)."""
@@ -480,13 +649,14 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
         m = self.momentum_at(progress)
         momentum_params, main_params = [], []
         for main, momentum in self._branch_pairs():
+            # every parameter, frozen main ones included (a frozen patch projection, as in MoCo v3, stays equal); the
+            # buffers are not averaged: the fixed positions are equal, and BatchNorm statistics are each branch's own
             for param_main, param_momentum in zip(main.parameters(), momentum.parameters()):
-                if param_main.requires_grad:  # frozen ones (fixed positions) are equal already
-                    main_params.append(param_main)
-                    momentum_params.append(param_momentum)
+                main_params.append(param_main)
+                momentum_params.append(param_momentum)
         # Performance: one lerp pass (momentum += (1 - m) * (main - momentum)) instead of a mul_ and an add_ pass:
-        # the same EMA up to rounding, ~2x faster. (The lists are rebuilt every step on purpose: that costs ~1 ms and
-        # stays right when parameters are replaced or frozen after construction.)
+        # the same EMA up to rounding, and faster. (The lists are rebuilt every step on purpose: that is cheap and
+        # stays right when parameters are replaced after construction, as from_pretrained does.)
         torch._foreach_lerp_(momentum_params, main_params, 1.0 - m)
         return m
 
@@ -522,13 +692,24 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
         return (error * mask).sum() / mask.sum()
 
     def forward_main(
-        self, pixel_values: torch.Tensor, noise: torch.Tensor | None, interpolate_pos_encoding: bool
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> dict[str, torch.Tensor | None]:
         """Main branch on one view: masked encoder, then decoder and/or projector+predictor as the weights ask."""
-        tokens, mask, ids_restore, _ = self.macrl.forward_encoder(
-            pixel_values, self.config.mask_ratio, noise, interpolate_pos_encoding
+        tokens, mask, ids_restore, blocks_output = self.macrl.forward_encoder(
+            pixel_values,
+            self.config.mask_ratio,
+            noise,
+            interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         out: dict[str, torch.Tensor | None] = {"mask": mask, "ids_restore": ids_restore, "logits": None, "query": None}
+        out["hidden_states"], out["attentions"] = blocks_output.hidden_states, blocks_output.attentions
         out["pooled"] = self.macrl.pool(tokens)  # [N, D]
         if self.config.reconstruction_weight > 0:
             if ids_restore is None:  # nothing hidden: the decoder sees every token in image order
@@ -571,6 +752,8 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
         momentum_pixel_values: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MACRLForPreTrainingOutput | tuple:
@@ -585,10 +768,16 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
                 With `symmetric_loss`, the weak view's mask in the main branch uses `1 - noise`.
             interpolate_pos_encoding (`bool`, defaults to `False`):
                 Accept images whose size differs from `config.image_size`.
+            output_hidden_states (`bool`, *optional*):
+                Also return the main encoder's hidden states on the strong view (its visible patches).
+            output_attentions (`bool`, *optional*):
+                Also return the main encoder's attention weights on the strong view (computed eagerly for that call).
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
         config = self.config
         if momentum_pixel_values is None:
             momentum_pixel_values = pixel_values
@@ -598,7 +787,9 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
                 f"{pixel_values.shape[0]}: the two views must come from the same images"
             )
 
-        main = self.forward_main(pixel_values, noise, interpolate_pos_encoding)
+        main = self.forward_main(
+            pixel_values, noise, interpolate_pos_encoding, output_hidden_states, output_attentions
+        )
         reconstruction_loss = main.get("reconstruction_loss", pixel_values.new_zeros(()))
         contrastive_loss = pixel_values.new_zeros(())
         if config.contrastive_weight > 0:
@@ -624,6 +815,8 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
             mask=main["mask"],
             ids_restore=main["ids_restore"],
             pooler_output=main["pooled"],
+            hidden_states=main["hidden_states"],
+            attentions=main["attentions"],
         )
         return output if return_dict else output.to_tuple()
 
@@ -639,11 +832,13 @@ class MACRLForImageClassification(MACRLPreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
         if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
-            # MAE's fine-tuning head: small weights so the pre-trained features dominate at the start
-            init.trunc_normal_(module.weight, std=2e-5)
+            # timm's and transformers' ViT head init; MAE fine-tunes with a very small one (std 2e-5), which is
+            # `initializer_range=2e-5` here (only the classifier is new when fine-tuning a pre-trained encoder)
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
             init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
 
     def forward(
         self,
@@ -651,6 +846,7 @@ class MACRLForImageClassification(MACRLPreTrainedModel):
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
@@ -667,13 +863,16 @@ class MACRLForImageClassification(MACRLPreTrainedModel):
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         logits = self.classifier(outputs.pooler_output)  # [N, num_labels]
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
         return output if return_dict else output.to_tuple()
 
 

@@ -67,7 +67,14 @@ def test_auto_classes_resolve_after_import(pretraining_folder):
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_macrl.MACRLModel"
     assert auto_map["AutoImageProcessor"] == "image_processing_macrl.MACRLImageProcessor"
-    for code in ("configuration_macrl.py", "modeling_macrl.py", "contrastive_loss.py", "image_processing_macrl.py"):
+    assert auto_map["AutoBackbone"] == "modeling_macrl_backbone.MACRLBackbone"
+    for code in (
+        "configuration_macrl.py",
+        "modeling_macrl.py",
+        "contrastive_loss.py",
+        "image_processing_macrl.py",
+        "modeling_macrl_backbone.py",
+    ):
         assert (folder / code).exists(), code
 
 
@@ -144,7 +151,7 @@ def test_trust_remote_code_without_macrl(pretraining_folder, tmp_path):
         sys.modules["macrl"] = None  # any `import macrl` raises ImportError
         import torch
         from PIL import Image
-        from transformers import AutoImageProcessor, AutoModel, AutoModelForPreTraining, pipeline
+        from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForPreTraining, pipeline
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert type(model).__name__ == "MACRLModel" and "transformers_modules" in type(model).__module__
         expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
@@ -154,6 +161,12 @@ def test_trust_remote_code_without_macrl(pretraining_folder, tmp_path):
         )
         processor = AutoImageProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(processor).__name__ == "MACRLImageProcessor"
+        # (AutoBackbone.from_pretrained asks the Hub about any local path in transformers 5.24: from_config here)
+        config = AutoConfig.from_pretrained({str(folder)!r}, trust_remote_code=True, out_indices=[1, 2])
+        backbone_class = type(AutoBackbone.from_config(config, trust_remote_code=True))
+        backbone = backbone_class.from_pretrained({str(folder)!r}, config=config)
+        assert type(backbone).__name__ == "MACRLBackbone"
+        assert [tuple(f.shape) for f in backbone(torch.zeros(2, 1, 28, 28)).feature_maps] == [(2, 32, 7, 7)] * 2
         extractor = pipeline("image-feature-extraction", model={str(folder)!r}, trust_remote_code=True)
         print(len(extractor(Image.new("RGB", (30, 30)), pool=True)[0]))
         """

@@ -337,6 +337,7 @@ def finetune(
             str(model_name_or_path),
             revision=revision,
             num_labels=num_classes,
+            initializer_range=2e-5,  # MAE's fine-tuning head init; the classifier is the only new weight
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
             dtype=torch.float32,
