@@ -267,12 +267,10 @@ def convert_mocov3(
         pos_embed = converted["pos_embed"]
     else:
         model = MACRLForPreTraining(config)
-        fresh = ("decoder.", "momentum_decoder.", "queue")
+        fresh = ("decoder.", "queue")
         expected = {k: v for k, v in model.state_dict().items() if not k.startswith(fresh)}
         check_keys(converted, expected, source="converted MoCo v3 state dict", hint=HINT)
-        model.load_state_dict(converted, strict=False)
-        # the momentum branch comes from the checkpoint; only the fresh decoder is copied into its twin
-        model.momentum_decoder.load_state_dict(model.decoder.state_dict())  # (the momentum branch stays frozen)
+        model.load_state_dict(converted, strict=False)  # the momentum branch comes from the checkpoint
         pos_embed = converted["macrl.pos_embed"]
     log(f"  position embedding: {describe_position_embedding(pos_embed, config.image_size // config.patch_size)}")
 

@@ -565,15 +565,15 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
 
     The momentum branch is frozen and equal to the main branch at the start, whether built from a config or loaded
     (`from_pretrained` copies the momentum weights a checkpoint lacks from the main branch); the EMA
-    (`update_momentum_branch`) then moves it.
+    (`update_momentum_branch`) then moves it. It is the encoder and projector only: the keys come from the pooled
+    encoder feature, and no loss reads a momentum decoder's output, so none is built (checkpoints that hold one
+    still load, its weights left behind).
     """
 
+    _keys_to_ignore_on_load_unexpected = [r"^momentum_decoder\."]
+
     # (main, momentum) attribute names; the predictor has no twin
-    _momentum_pairs = (
-        ("macrl", "momentum_encoder"),
-        ("decoder", "momentum_decoder"),
-        ("projector", "momentum_projector"),
-    )
+    _momentum_pairs = (("macrl", "momentum_encoder"), ("projector", "momentum_projector"))
 
     def __init__(self, config: MACRLConfig):
         super().__init__(config)
@@ -587,9 +587,7 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
             config.projection_dim,
             last_batch_norm=False,
         )
-        # the momentum branch is an encoder-decoder too (the paper's asymmetric siamese network)
         self.momentum_encoder = MACRLModel(config)
-        self.momentum_decoder = MACRLDecoder(config)
         self.momentum_projector = self._build_projector(config)
         if config.queue_size > 0:
             self.register_buffer("queue", F.normalize(torch.randn(config.queue_size, config.projection_dim), dim=1))
@@ -725,10 +723,7 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
     def forward_momentum(
         self, pixel_values: torch.Tensor, noise: torch.Tensor | None, interpolate_pos_encoding: bool
     ) -> torch.Tensor:
-        """Momentum branch on one view: encoder and projector give the contrastive key `[N, P]`.
-
-        Its decoder is kept in step by the EMA but not run: no loss uses its output.
-        """
+        """Momentum branch on one view: encoder and projector give the contrastive key `[N, P]`."""
         tokens, _, _, _ = self.momentum_encoder.forward_encoder(
             pixel_values, self.config.momentum_mask_ratio, noise, interpolate_pos_encoding
         )

@@ -338,12 +338,11 @@ def test_mocov3_conversion(tmp_path, tiny_config):
     config = model.config
     assert (config.projector_hidden_size, config.predictor_hidden_size, config.projection_dim) == (48, 40, 16)
     converted = model.state_dict()
-    fresh = ("decoder.", "momentum_decoder.")
+    fresh = ("decoder.",)
     expected = {k: v for k, v in source.state_dict().items() if not k.startswith(fresh)}
     assert {k for k in converted if not k.startswith(fresh)} == expected.keys()
     assert all(torch.equal(v, expected[k]) for k, v in converted.items() if not k.startswith(fresh))
-    decoder, momentum_decoder = model.decoder.state_dict(), model.momentum_decoder.state_dict()
-    assert all(torch.equal(decoder[k], momentum_decoder[k]) for k in decoder)
+    assert not any(k.startswith("momentum_decoder.") for k in converted)  # no loss reads one: none is built
 
     # against MoCo v3's modules: timm ViT (head replaced by the projector MLP) and the predictor MLP
     vit = timm.create_model(

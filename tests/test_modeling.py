@@ -164,7 +164,7 @@ def test_gradients_reach_main_branch_only(tiny_config, fashion_images):
     model = MACRLForPreTraining(tiny_config()).train()
     out = model(pixels[:8], pixels[8:16])
     out.loss.backward()
-    momentum_modules = (model.momentum_encoder, model.momentum_decoder, model.momentum_projector)
+    momentum_modules = (model.momentum_encoder, model.momentum_projector)
     for module in momentum_modules:
         for name, param in module.named_parameters():
             assert not param.requires_grad and param.grad is None, name
@@ -251,3 +251,20 @@ def test_classifier_loss_and_shapes(tiny_config, fashion_images):
     out = model(pixels[:8], labels=labels[:8])
     assert out.logits.shape == (8, 10)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels[:8]))
+
+
+def test_checkpoints_with_a_momentum_decoder_still_load(tiny_config, tmp_path):
+    """Earlier versions built a momentum decoder that no loss read; their folders load, its weights left behind."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = MACRLForPreTraining(tiny_config())
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert not any(key.startswith("momentum_decoder.") for key in weights)
+    weights.update({f"momentum_decoder.{k[len('decoder.'):]}": v.clone() for k, v in weights.items() if k.startswith("decoder.")})
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = MACRLForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert not hasattr(loaded, "momentum_decoder")
