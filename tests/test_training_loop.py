@@ -145,3 +145,19 @@ def test_report_to_a_tracker_that_is_not_installed_names_the_package(tmp_path, c
     assert main([*TINY, "--max-steps", "1", "--report-to", "tensorboardx", "--output-dir", str(tmp_path / "b")]) == 2
     assert "unknown tracker 'tensorboardx'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_knn_monitor_cost_benchmark_prints_its_table():
+    """`benchmarks/knn_monitor_cost.py` measures the monitor and the steps in one real run and prints its share."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "knn_monitor_cost.py"
+    extra = [*TINY[:-2], "--knn-monitor-images", "100"]  # its own --logging-steps
+    done = subprocess.run(
+        [sys.executable, str(script), "--steps", "6", "--every", "3", "--", *extra],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = re.search(r"measured: 6 steps, 2 monitor passes: ([\d.]+) s / step, ([\d.]+) s / pass", done.stdout)
+    assert measured and float(measured[1]) > 0 and float(measured[2]) > 0, done.stdout
+    shares = [float(share) for share in re.findall(r"^\| \d+ \| ([\d.]+)% \|$", done.stdout, re.M)]
+    assert len(shares) == 5 and shares == sorted(shares, reverse=True), done.stdout
+    assert "machine: " in done.stdout and "smallest cadence under 5%" in done.stdout
