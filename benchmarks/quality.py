@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from macrl import MACRLImageProcessor, MACRLModel
-from macrl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSource, load_fashion_mnist
-from macrl.evaluation import POOLS, evaluate_encoder, evaluate_features
+from macrl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSource
+from macrl.evaluation import POOLS, evaluate_encoder
+from macrl.evaluation import evaluate_raw_pixels as raw_pixels
 from macrl.precision import cpu_runs_bf16_fast
 from macrl.presets import load_config
 
@@ -94,11 +95,9 @@ def evaluate_fashion_encoder(encoder_dir: Path | None, config_name: str, seed: i
 
 
 def evaluate_raw_pixels(seed: int) -> dict:
-    train_x, train_y = load_fashion_mnist("train")
-    test_x, test_y = load_fashion_mnist("test")
-    train_x, test_x = train_x.flatten(1).float() / 255, test_x.flatten(1).float() / 255
-    results = evaluate_features({"cls": train_x}, train_y, {"cls": test_x}, test_y, num_classes=10, seed=seed)
-    return _scores(results, pools=("cls",))
+    results = raw_pixels(FashionMNISTSource("train"), FashionMNISTSource("test"), seed=seed)
+    return {"knn_cls": round(results["knn_accuracy_pixels"], 2),
+            "linear_cls": round(results["linear_probe_accuracy_pixels"], 2)}
 
 
 def cached(path: Path, compute) -> dict:

@@ -43,6 +43,13 @@ def _parse(parser: HfArgumentParser, argv: Sequence[str] | None) -> PretrainingA
     return args
 
 
+def _accuracies(results: dict, prefix: str = "") -> str:
+    shown = f"kNN (k=20) {results[prefix + 'knn_accuracy']:.2f}%"
+    if prefix + "linear_probe_accuracy" in results:
+        shown += f", linear probe {results[prefix + 'linear_probe_accuracy']:.2f}%"
+    return shown
+
+
 def run(args: PretrainingArguments) -> dict:
     """The command's work once the flags are parsed: the run, then where everything went."""
     import transformers
@@ -53,8 +60,9 @@ def run(args: PretrainingArguments) -> dict:
     if results:
         output_dir = Path(args.output_dir)
         if "knn_accuracy" in results:
-            print(f"kNN accuracy (k=20) of the encoder on {results['knn_test_images']} held-out images: "
-                  f"{results['knn_accuracy']:.2f}%")
+            print(f"the encoder on {results['knn_test_images']} held-out images: {_accuracies(results)}")
+            if "raw_pixels_knn_accuracy" in results:
+                print(f"the same on their raw pixels (the floor):  {_accuracies(results, 'raw_pixels_')}")
         print(f"encoder (MACRLModel + image processor + model card): {output_dir / 'encoder'}")
         print(f"pictures: {output_dir / 'pictures'}   log: {output_dir / 'logs' / 'train_log.jsonl'}")
         print(f"results: {output_dir / 'results.json'}   checkpoints: {output_dir / 'checkpoints'}")

@@ -1,11 +1,14 @@
 """Shared fixtures: tiny MACRL configs and real Fashion-MNIST images (Debian's dataset-fashion-mnist)."""
 
 import os
+import tempfile
 
 # Tests only talk to Hub servers on loopback, and must not wait for an interactive trust_remote_code prompt
 # (set before huggingface_hub is imported, which reads them once).
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRUST_REMOTE_CODE_TIMEOUT", "0")
+# what the package keeps between runs (the raw-pixel floor) goes to a folder of this test session, not the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="macrl-tests-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

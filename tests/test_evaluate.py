@@ -296,3 +296,29 @@ def test_cli_bad_inputs_exit_2_with_one_line(model_folder, tmp_path, capsys, arg
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert message in _one_error_line(captured.err)
+
+
+def test_raw_pixel_floor_is_the_probes_on_the_pixels(tmp_path):
+    from macrl.evaluation import EvaluationDataError, evaluate_features, evaluate_raw_pixels
+
+    train = SubsetSource(FashionMNISTSource("train"), range(300), "train300")
+    test = SubsetSource(FashionMNISTSource("test"), range(100), "test100")
+    floor = evaluate_raw_pixels(train, test, seed=0)
+    images, labels = load_fashion_mnist("train")
+    test_images, test_labels = load_fashion_mnist("test")
+    by_hand = evaluate_features(
+        {"pixels": images[:300].flatten(1).float() / 255}, labels[:300],
+        {"pixels": test_images[:100].flatten(1).float() / 255}, test_labels[:100], num_classes=10, seed=0,
+    )
+    assert floor["knn_accuracy_pixels"] == by_hand["knn_accuracy_pixels"] > 50
+    assert floor["linear_probe_accuracy_pixels"] == by_hand["linear_probe_accuracy_pixels"] > 50
+
+    big = tmp_path / "big"
+    for index in range(4):
+        (big / f"class_{index % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (100, 100), (index * 40, 0, 0)).save(big / f"class_{index % 2}" / f"{index}.png")
+    from macrl.data import open_source
+
+    source = open_source(str(big), "RGB")
+    with pytest.raises(EvaluationDataError, match="raw-pixel floor: the train images of .* at most 12288 values"):
+        evaluate_raw_pixels(source, source)

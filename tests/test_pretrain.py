@@ -43,10 +43,18 @@ def test_smoke_default_data_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     assert _run(*FAST, "--output-dir", out, "--max-steps", "4", "--limit-images", "64", "--save-steps", "2") == 0
     printed = capsys.readouterr().out
-    assert "kNN accuracy (k=20) of the encoder on 40 held-out images" in printed and str(out / "encoder") in printed
-
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 4 and 0 <= results["knn_accuracy"] <= 100
+    assert 0 <= results["linear_probe_accuracy"] <= 100
+    assert (
+        f"the encoder on 40 held-out images: kNN (k=20) {results['knn_accuracy']:.2f}%, "
+        f"linear probe {results['linear_probe_accuracy']:.2f}%" in printed
+    )
+    assert (
+        f"the same on their raw pixels (the floor):  kNN (k=20) {results['raw_pixels_knn_accuracy']:.2f}%, "
+        f"linear probe {results['raw_pixels_linear_probe_accuracy']:.2f}%" in printed
+    )
+    assert str(out / "encoder") in printed
     records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("loss", "reconstruction_loss", "contrastive_loss", "learning_rate", "momentum"):
@@ -272,3 +280,19 @@ def test_max_minutes_on_fewer_batches_than_the_probe_times(tmp_path):
     state = json.loads(next(out.glob("checkpoints/checkpoint-*/trainer_state.json")).read_text())
     assert state["max_steps"] >= 1
     assert state["global_step"] <= state["max_steps"]
+
+
+def test_raw_pixel_floor_is_computed_once_and_reused(tmp_path, capsys):
+    """The floor is a deterministic figure of the images: the first run computes and keeps it, the next reads it."""
+    from macrl.training.final_evaluation import _cache_dir
+
+    flags = [*FAST, "--max-steps", "2", "--limit-images", "64", "--eval-images", "64", "--no-linear-probe"]
+    assert _run(*flags, "--output-dir", tmp_path / "first") == 0
+    first = json.loads((tmp_path / "first" / "results.json").read_text())
+    assert "linear_probe_accuracy" not in first and "raw_pixels_linear_probe_accuracy" not in first
+    (kept,) = [path for path in _cache_dir().glob("*.json") if json.loads(path.read_text())["knn_accuracy_pixels"]
+               == first["raw_pixels_knn_accuracy"]]
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "knn_accuracy_pixels": 12.5}))
+    assert _run(*flags, "--output-dir", tmp_path / "second") == 0
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["raw_pixels_knn_accuracy"] == 12.5
+    assert "floor):  kNN (k=20) 12.50%" in capsys.readouterr().out

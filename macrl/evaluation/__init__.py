@@ -7,18 +7,27 @@
 * ``labels``: what every evaluation checks of its images.
 """
 
-from .frozen_features import POOLS, evaluate_encoder, evaluate_features, extract_pooled_features
+from .frozen_features import (
+    POOLS,
+    RAW_PIXELS_MAX_VALUES,
+    evaluate_encoder,
+    evaluate_features,
+    evaluate_raw_pixels,
+    extract_pooled_features,
+)
 from .knn import knn_accuracy, weighted_knn_predict
 from .labels import EvaluationDataError, check_labelled, num_classes_of
 from .linear_probe import LinearProbeResult, linear_probe
 
 __all__ = [
     "POOLS",
+    "RAW_PIXELS_MAX_VALUES",
     "EvaluationDataError",
     "LinearProbeResult",
     "check_labelled",
     "evaluate_encoder",
     "evaluate_features",
+    "evaluate_raw_pixels",
     "extract_pooled_features",
     "knn_accuracy",
     "linear_probe",

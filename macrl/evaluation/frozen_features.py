@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,12 +22,16 @@ from ..devices import resolve_device
 from ..feature_extraction import extract_features
 from ..modeling_macrl import MACRLModel, pool_tokens
 from .knn import knn_accuracy
-from .labels import check_labelled, num_classes_of
+from .labels import EvaluationDataError, check_labelled, num_classes_of
 from .linear_probe import linear_probe as fit_linear_probe
 
-__all__ = ["POOLS", "evaluate_encoder", "evaluate_features", "extract_pooled_features"]
+__all__ = ["POOLS", "RAW_PIXELS_MAX_VALUES", "evaluate_encoder", "evaluate_features", "evaluate_raw_pixels",
+           "extract_pooled_features"]
 
 POOLS: tuple[str, ...] = ("cls", "mean")
+
+# the raw-pixel floor is for small images (Fashion-MNIST's 784 values); at 224 px it would be 150,528 values an image
+RAW_PIXELS_MAX_VALUES = 64 * 64 * 3
 
 
 class _PooledTokens(nn.Module):
@@ -236,3 +241,34 @@ def evaluate_encoder(
     if knn:
         results.update(knn_k=knn_k, knn_temperature=knn_temperature)
     return results
+
+
+def evaluate_raw_pixels(
+    train_source: ImageSource,
+    test_source: ImageSource,
+    *,
+    linear_probe: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The floor an encoder has to beat: the same kNN and linear probe as :func:`evaluate_features` on the images'
+    own pixels (scaled to [0, 1], flattened), reported as ``knn_accuracy_pixels`` / ``linear_probe_accuracy_pixels``.
+
+    Raises:
+        EvaluationDataError: a source without labels, or images of varying size or of more than
+            ``RAW_PIXELS_MAX_VALUES`` values.
+    """
+    check_labelled(train_source, test_source)
+    features, labels = {}, {}
+    for split, source in (("train", train_source), ("test", test_source)):
+        pixels = [np.asarray(source.load_image(i)) for i in range(len(source))]
+        if len({image.shape for image in pixels}) != 1 or pixels[0].size > RAW_PIXELS_MAX_VALUES:
+            raise EvaluationDataError(
+                f"raw-pixel floor: the {split} images of {source.name} must share one size of at most "
+                f"{RAW_PIXELS_MAX_VALUES} values"
+            )
+        features[split] = {"pixels": torch.from_numpy(np.stack(pixels)).flatten(1).float() / 255}  # [N, H*W*C]
+        labels[split] = torch.as_tensor(source.labels, dtype=torch.long)
+    return evaluate_features(
+        features["train"], labels["train"], features["test"], labels["test"],
+        num_classes_of(train_source, test_source), linear_probe=linear_probe, seed=seed,
+    )

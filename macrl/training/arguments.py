@@ -85,6 +85,14 @@ class PretrainingArguments:
         "Evaluate the encoder with a weighted kNN classifier at the end (needs labels); --no-knn to skip it.",
         aliases=["--knn-eval", "--knn_eval"],
     )
+    linear_probe: bool = _flag(
+        True, "With the kNN evaluation at the end, the linear probe of macrl-eval too; --no-linear-probe to skip it."
+    )
+    raw_pixel_floor: bool = _flag(
+        True,
+        "With the evaluation at the end, the same kNN / linear probe on the images' raw pixels, the floor an encoder "
+        "has to beat (small images only; computed once per data set, kept in ~/.cache/macrl).",
+    )
     eval_images: int = _flag(10000, "At most this many held-out images for the kNN evaluation and pictures.")
     knn_every: int = _flag(
         0,

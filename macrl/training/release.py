@@ -35,7 +35,10 @@ class EncoderRelease:
             card_evaluation = {
                 "dataset_type": self.dataset_name,
                 "split": self.evaluation_split,
-                "metrics": {"knn_accuracy": evaluation["knn_accuracy"] / 100},
+                "metrics": {
+                    metric: evaluation[metric] / 100
+                    for metric in ("knn_accuracy", "linear_probe_accuracy") if metric in evaluation
+                },
             }
         card = render_model_card(
             model.config,

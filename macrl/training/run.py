@@ -25,7 +25,6 @@ from transformers import set_seed
 from ..data import UnreadableImageError, build_eval_transform
 from ..devices import resolve_device
 from ..errors import InputError, first_line
-from ..evaluation.frozen_features import evaluate_encoder
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
 from ..precision import cpu_runs_bf16_fast, slow_bf16_warning
@@ -34,7 +33,8 @@ from .arguments import PretrainingArguments
 from .budget import STEP_HEADROOM, fit_steps_to_budget, probe_step_seconds
 from .callbacks import DataEpochCallback, JsonlLogCallback, PushCheckpointCallback
 from .checkpoints import resolve_checkpoint
-from .data import PretrainingData, build_augmentation, build_pretraining_data
+from .data import build_augmentation, build_pretraining_data
+from .final_evaluation import final_evaluation
 from .knn_monitor import KnnMonitor
 from .pictures import plot_loss_curves, reconstruction_grid
 from .release import EncoderRelease
@@ -48,22 +48,6 @@ logger = logging.getLogger(__name__)
 class PretrainingError(InputError):
     """A run's inputs cannot be used together (a batch not divisible by the processes, too few images, a bad
     config or augmentation); the message names the flag."""
-
-
-def knn_of(encoder, processor: MACRLImageProcessor, data: PretrainingData, device: torch.device) -> dict | None:
-    """Weighted kNN (k=20, T=0.07) of the config's pooled features: training images as memory, the held-out images
-    as queries; None without labelled held-out images."""
-    if data.eval_source is None or data.train_source.labels is None or data.eval_source.labels is None:
-        return None
-    results = evaluate_encoder(
-        encoder, processor, data.train_source, data.eval_source,
-        linear_probe=False, pools=(encoder.config.pooling,), batch_size=256, device=device,
-    )
-    return {
-        "knn_accuracy": round(results[f"knn_accuracy_{encoder.config.pooling}"], 2),
-        "knn_train_images": results["train_images"],
-        "knn_test_images": results["test_images"],
-    }
 
 
 def _precisions_to_time(bf16: bool | None, device: torch.device) -> tuple[bool, ...]:
@@ -228,7 +212,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     if monitor is not None:
         results["knn_monitor_seconds"] = round(monitor.seconds, 2)
         results["knn_monitor_last"] = monitor.last
-    evaluation = knn_of(model.macrl, release.processor, data, device) if args.knn else None
+    evaluation = None
+    if args.knn:
+        evaluation = final_evaluation(
+            model.macrl, release.processor, data, device,
+            linear_probe=args.linear_probe, floor=args.raw_pixel_floor, seed=args.seed,
+        )
     if evaluation:
         results.update(evaluation)
 
