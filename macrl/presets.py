@@ -11,24 +11,29 @@ from .configuration_macrl import MACRLConfig
 
 _SMALL_HEADS = dict(projection_dim=256, projector_hidden_size=1024, predictor_hidden_size=1024)
 
+# 28x28 grayscale, 4x4 patches of 7 px; width 192 as in ViT-Tiny, shallow enough for a CPU. A step on 16 tokens
+# is much faster than on 49 (4-px patches), which buys epochs on a CPU budget
+# (benchmarks/results/figures-behind-the-code.md)
+FMNIST = dict(
+    image_size=28,
+    patch_size=7,
+    num_channels=1,
+    hidden_size=192,
+    num_hidden_layers=6,
+    num_attention_heads=3,
+    intermediate_size=768,
+    decoder_hidden_size=128,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=4,
+    decoder_intermediate_size=512,
+    **_SMALL_HEADS,
+)
+
 PRESETS: dict[str, dict] = {
-    # 28x28 grayscale, 4x4 patches of 7 px; width 192 as in ViT-Tiny, shallow enough for a CPU. A step on 16 tokens
-    # is much faster than on 49 (4-px patches), which buys epochs on a CPU budget
-    # (benchmarks/results/figures-behind-the-code.md)
-    "fmnist": dict(
-        image_size=28,
-        patch_size=7,
-        num_channels=1,
-        hidden_size=192,
-        num_hidden_layers=6,
-        num_attention_heads=3,
-        intermediate_size=768,
-        decoder_hidden_size=128,
-        decoder_num_hidden_layers=2,
-        decoder_num_attention_heads=4,
-        decoder_intermediate_size=512,
-        **_SMALL_HEADS,
-    ),
+    "fmnist": FMNIST,
+    # `fmnist` 128 wide (2 heads of 64): the README's 10-minute main job. On a few minutes of 2 CPU cores a step of
+    # the narrower encoder buys more epochs than width buys quality (benchmarks/results/quality/tuning-10min.md)
+    "fmnist-fast": dict(FMNIST, hidden_size=128, num_attention_heads=2, intermediate_size=512),
     # a few-second model for smoke tests
     "tiny": dict(
         image_size=28,
@@ -63,7 +68,7 @@ PRESETS: dict[str, dict] = {
 # `macrl-pretrain`'s base learning rate (per 256 images) when --lr is not given. CPU budgets are a few epochs, not
 # MAE's hundreds, so the default is twice MAE's 1.5e-4; the embedded default's value comes from its tuning runs.
 DEFAULT_BASE_LEARNING_RATE = 3e-4
-BASE_LEARNING_RATES: dict[str, float] = {"fmnist": 1.5e-3}
+BASE_LEARNING_RATES: dict[str, float] = {"fmnist": 1.5e-3, "fmnist-fast": 1.5e-3}
 
 
 def base_learning_rate(config: str) -> float:
