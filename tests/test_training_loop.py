@@ -161,3 +161,26 @@ def test_knn_monitor_cost_benchmark_prints_its_table():
     shares = [float(share) for share in re.findall(r"^\| \d+ \| ([\d.]+)% \|$", done.stdout, re.M)]
     assert len(shares) == 5 and shares == sorted(shares, reverse=True), done.stdout
     assert "machine: " in done.stdout and "smallest cadence under 5%" in done.stdout
+
+
+def test_step_probe_times_each_precision_it_is_given(fashion_images):
+    """The budget's probe times real steps of every precision it is asked for (taking turns), on a throwaway copy."""
+    import torch
+
+    from macrl import MACRLConfig, MACRLForPreTraining
+    from macrl.presets import PRESETS
+    from macrl.training.budget import probe_step_seconds
+
+    model = MACRLForPreTraining(MACRLConfig(**PRESETS["tiny"]))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    pixels, _ = fashion_images
+    dataset = [{"pixel_values": image, "momentum_pixel_values": image} for image in pixels]
+    timed = probe_step_seconds(
+        model, dataset, None, batch_size=16, num_workers=0, precisions=(False, True), device=torch.device("cpu")
+    )
+    assert set(timed) == {False, True} and all(seconds > 0 for seconds in timed.values())
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    only = probe_step_seconds(
+        model, dataset, None, batch_size=16, num_workers=0, precisions=(False,), device=torch.device("cpu")
+    )
+    assert list(only) == [False]

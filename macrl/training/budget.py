@@ -51,13 +51,15 @@ def probe_step_seconds(
     *,
     batch_size: int,
     num_workers: int,
-    bf16: bool,
+    precisions: tuple[bool, ...],
     device: torch.device,
-) -> float:
-    """The steady time of a real training step, from `PROBE_STEPS` steps on a throwaway copy of `model`.
+) -> dict[bool, float]:
+    """The steady time of a real training step in each precision (`True`: bf16 autocast), from `PROBE_STEPS` steps
+    of each on a throwaway copy of `model`.
 
-    `batch_size` is the per-process batch; with several processes, the slowest one's time counts (the same value on
-    every process).
+    The precisions take turns step by step, so that load from other processes, which comes and goes, slows them
+    alike and the faster one is still found faster. `batch_size` is the per-process batch; with several processes,
+    the slowest one's time counts (the same value on every process).
     """
     probe = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-6)
@@ -65,22 +67,22 @@ def probe_step_seconds(
         dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collator
     )
     batches = itertools.cycle(loader)  # a small data set may hold fewer batches than the probe takes
-    durations = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    durations: dict[bool, list[float]] = {bf16: [] for bf16 in precisions}
     for _ in range(PROBE_STEPS):
-        start = time.perf_counter()
-        batch = {key: value.to(device) for key, value in next(batches).items()}
-        with autocast:
-            loss = probe(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        probe.update_momentum_branch(0.0)
-        durations.append(time.perf_counter() - start)
-    seconds = torch.tensor(steady_step_seconds(durations))
+        for bf16 in precisions:
+            start = time.perf_counter()
+            batch = {key: value.to(device) for key, value in next(batches).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = probe(**batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            probe.update_momentum_branch(0.0)
+            durations[bf16].append(time.perf_counter() - start)
+    seconds = torch.tensor([steady_step_seconds(durations[bf16]) for bf16 in precisions])
     if is_distributed():
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return seconds.item()
+    return dict(zip(precisions, seconds.tolist()))
 
 
 def fit_steps_to_budget(minutes: float, step_seconds: float) -> int:

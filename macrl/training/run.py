@@ -107,13 +107,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         budget = f", {spent / 60:.1f} of {args.max_minutes:g} minutes spent" if spent and args.max_minutes else ""
         logger.info("resuming %s at step %d of %d%s", resume_from, saved["global_step"], saved["max_steps"], budget)
     elif max_steps <= 0 and args.max_minutes is not None:
-        timed = {
-            choice: probe_step_seconds(
-                model, data.train, data.collator, batch_size=args.batch_size // world_size(),
-                num_workers=args.num_workers, bf16=choice, device=device,
-            )
-            for choice in _precisions_to_time(bf16, device)
-        }
+        timed = probe_step_seconds(
+            model, data.train, data.collator, batch_size=args.batch_size // world_size(),
+            num_workers=args.num_workers, precisions=_precisions_to_time(bf16, device), device=device,
+        )
         bf16 = min(timed, key=timed.get)
         if len(timed) > 1:
             logger.info("a step takes %.3f s in bf16, %.3f s in fp32: training in %s", timed[True], timed[False],
