@@ -31,9 +31,6 @@ FMNIST = dict(
 
 PRESETS: dict[str, dict] = {
     "fmnist": FMNIST,
-    # `fmnist` 128 wide (2 heads of 64): the README's 10-minute main job. On a few minutes of 2 CPU cores a step of
-    # the narrower encoder buys more epochs than width buys quality (benchmarks/results/quality/tuning-10min.md)
-    "fmnist-fast": dict(FMNIST, hidden_size=128, num_attention_heads=2, intermediate_size=512),
     # a few-second model for smoke tests
     "tiny": dict(
         image_size=28,
@@ -68,7 +65,7 @@ PRESETS: dict[str, dict] = {
 # `macrl-pretrain`'s base learning rate (per 256 images) when --lr is not given. CPU budgets are a few epochs, not
 # MAE's hundreds, so the default is twice MAE's 1.5e-4; the embedded default's value comes from its tuning runs.
 DEFAULT_BASE_LEARNING_RATE = 3e-4
-BASE_LEARNING_RATES: dict[str, float] = {"fmnist": 1.5e-3, "fmnist-fast": 1.5e-3}
+BASE_LEARNING_RATES: dict[str, float] = {"fmnist": 1.5e-3}
 
 
 def base_learning_rate(config: str) -> float:

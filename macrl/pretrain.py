@@ -1,6 +1,6 @@
 """`macrl-pretrain`: pre-train a MACRL encoder, evaluate it with kNN, draw its pictures, export and push it.
 
-    macrl-pretrain --max-minutes 10 --config fmnist-fast  # Fashion-MNIST (Debian's package), fitted to 10 minutes
+    macrl-pretrain --max-minutes 10 --knn-every 400       # Fashion-MNIST (Debian's package), fitted to 10 minutes
     macrl-pretrain --data ~/images --config vit-small-patch16-224 --epochs 100 --push-to-hub me/macrl-vit-s
     torchrun --nproc_per_node 2 -m macrl.pretrain --max-steps 1000   # several processes (or accelerate launch)
 
