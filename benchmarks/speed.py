@@ -26,6 +26,7 @@ the absolute numbers do not.
     python benchmarks/speed.py --sizes vit-t4-32 --repeats 3
     python benchmarks/speed.py --quick               # tiny sizes, a smoke test of the whole script
     python benchmarks/speed.py --quick --no-compile  # the same without the torch.compile cases
+    python benchmarks/speed.py --task extract        # the feature-extraction cases only
 """
 
 from __future__ import annotations
@@ -535,13 +536,14 @@ def _run_guarded(name: str, steps: dict, results: dict, device: torch.device, re
 def benchmark_size(size_name: str, args: argparse.Namespace, device: torch.device) -> list[Result]:
     size = SIZES[size_name]
     batch = args.batch_size or size.batch
-    cases = tuple(case for case in PRETRAIN_CASES + EXTRACT_CASES if not (args.no_compile and case in COMPILED_CASES))
+    cases = {"all": PRETRAIN_CASES + EXTRACT_CASES, "pretrain": PRETRAIN_CASES, "extract": EXTRACT_CASES}[args.task]
+    cases = tuple(case for case in cases if not (args.no_compile and case in COMPILED_CASES))
     results = {case: Result(size_name, case, batch) for case in cases}
     log = (lambda message: print(f"[{size_name}] {message}", file=sys.stderr, flush=True)) if args.verbose else None
 
     # peak memory first, each pretraining case in a fresh process (CPU), before this process holds any model
     if not args.no_memory:
-        for case in PRETRAIN_CASES:
+        for case in PRETRAIN_CASES if args.task != "extract" else ():
             if device.type == "cpu" and case not in COMPILED_CASES:  # a fresh process would compile again
                 log and log(f"peak memory of {case}")
                 results[case].peak_mb = measure_memory_cpu(size_name, case, batch, steps=2)
@@ -733,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile cases (minutes of compiling)")
+    parser.add_argument(
+        "--task", choices=("all", "pretrain", "extract"), default="all", help="which cases to run (default: all)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, usually one per core)"
     )
