@@ -6,8 +6,13 @@ What is measured, for every model size, with the same batch for every case of th
   ``MACRLForPreTraining`` vs transformers' ``ViTMAEForPreTraining`` (same encoder and decoder, mask 0.75, SDPA),
   MACRL in MoCo v3 mode (``reconstruction_weight=0, mask_ratio=0, symmetric_loss=True``), MACRL in MAE mode
   (``contrastive_weight=0``), MACRL under bf16 autocast, and MACRL with only its momentum forward in bf16;
+* pretraining step with ``torch.compile``: of the momentum forward only (no grad: the inference half of a step) and of
+  the whole model (forward and backward), both under bf16 autocast, against MACRL bf16 autocast eager;
 * feature extraction (``eval()``, ``torch.inference_mode()``), in images/s: ``MACRLModel`` vs timm's
-  ``VisionTransformer(num_classes=0)`` vs transformers' ``ViTModel`` (SDPA) in fp32, and MACRL / timm in bf16 autocast;
+  ``VisionTransformer(num_classes=0)`` vs transformers' ``ViTModel`` (SDPA) in fp32; MACRL and timm with the same
+  treatments: bf16 autocast (float32 weights), bf16 weights (MACRL: ``prepare_for_inference(dtype="bf16")``, what
+  ``macrl-extract --dtype bf16`` runs), ``torch.compile`` in fp32, and compiled with bf16 weights (``--dtype bf16
+  --compile``); the compile time of each compiled case is printed under the table;
 * peak memory of each pretraining step: on CPU the peak RSS of a fresh process that builds the case and runs two steps
   (above the RSS it had after the imports, file-backed library pages left out), on GPU
   ``torch.cuda.max_memory_allocated``;
@@ -20,6 +25,8 @@ the absolute numbers do not.
     python benchmarks/speed.py                       # both sizes, 5 repeats after 2 warm-up steps
     python benchmarks/speed.py --sizes vit-t4-32 --repeats 3
     python benchmarks/speed.py --quick               # tiny sizes, a smoke test of the whole script
+    python benchmarks/speed.py --quick --no-compile  # the same without the torch.compile cases
+    python benchmarks/speed.py --task extract        # the feature-extraction cases only
 """
 
 from __future__ import annotations
@@ -82,14 +89,23 @@ PRETRAIN_CASES = (
     "MACRL MAE mode",
     "MACRL bf16 autocast",
     "MACRL bf16 momentum fwd",
+    "MACRL bf16 compiled momentum fwd",
+    "MACRL bf16 compiled",
 )
 EXTRACT_CASES = (
     "MACRLModel fp32",
     "timm ViT fp32",
     "transformers ViTModel fp32",
+    "MACRLModel bf16 autocast",
+    "timm ViT bf16 autocast",
     "MACRLModel bf16",
     "timm ViT bf16",
+    "MACRLModel fp32 compiled",
+    "timm ViT fp32 compiled",
+    "MACRLModel bf16 compiled",
+    "timm ViT bf16 compiled",
 )
+COMPILED_CASES = tuple(case for case in PRETRAIN_CASES + EXTRACT_CASES if "compiled" in case)
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,10 @@ class Check:
     denominator: str
     metric: str  # "time": step-time ratio, "speed": throughput ratio, "memory": peak-memory ratio
     op: str | None = None  # "<=" or ">=", None: for information only
-    target: float | None = None
+    target: float | dict[str, float] | None = None  # a dict: per CPU kind (`cpu_kind`), info on the kinds it lacks
+
+    def target_on(self, kind: str) -> float | None:
+        return self.target.get(kind) if isinstance(self.target, dict) else self.target
 
 
 CHECKS = (
@@ -112,6 +131,11 @@ CHECKS = (
     Check("MACRL MAE mode", "step time / ViTMAE", "MACRL MAE mode", "ViTMAEForPreTraining", "time"),
     Check("MACRL bf16 autocast", "img/s / MACRL fp32", "MACRL bf16 autocast", "MACRL", "speed"),
     Check("MACRL bf16 momentum fwd", "img/s / MACRL fp32", "MACRL bf16 momentum fwd", "MACRL", "speed"),
+    Check(
+        "MACRL bf16 compiled momentum fwd", "img/s / MACRL bf16", "MACRL bf16 compiled momentum fwd",
+        "MACRL bf16 autocast", "speed",
+    ),
+    Check("MACRL bf16 compiled", "img/s / MACRL bf16", "MACRL bf16 compiled", "MACRL bf16 autocast", "speed"),
     Check("MACRLModel fp32", "img/s / timm fp32", "MACRLModel fp32", "timm ViT fp32", "speed", ">=", 1.0),
     Check(
         "MACRLModel fp32",
@@ -122,8 +146,21 @@ CHECKS = (
         ">=",
         1.1,
     ),
-    Check("MACRLModel bf16", "img/s / timm fp32", "MACRLModel bf16", "timm ViT fp32", "speed", ">=", 3.0),
+    Check("MACRLModel bf16 autocast", "img/s / timm fp32", "MACRLModel bf16 autocast", "timm ViT fp32", "speed"),
+    Check("timm ViT bf16 autocast", "img/s / timm fp32", "timm ViT bf16 autocast", "timm ViT fp32", "speed"),
+    Check("MACRLModel bf16", "img/s / timm fp32", "MACRLModel bf16", "timm ViT fp32", "speed", ">=", {"amx": 3.0}),
+    Check("MACRLModel bf16", "img/s / timm bf16", "MACRLModel bf16", "timm ViT bf16", "speed"),
     Check("timm ViT bf16", "img/s / timm fp32", "timm ViT bf16", "timm ViT fp32", "speed"),
+    Check("MACRLModel fp32 compiled", "img/s / timm fp32", "MACRLModel fp32 compiled", "timm ViT fp32", "speed", ">=", 1.1),
+    Check("MACRLModel fp32 compiled", "img/s / timm compiled", "MACRLModel fp32 compiled", "timm ViT fp32 compiled", "speed"),
+    Check("timm ViT fp32 compiled", "img/s / timm fp32", "timm ViT fp32 compiled", "timm ViT fp32", "speed"),
+    # the bf16 target of the CPU's kind: AMX tiles, or AVX512-BF16's dot products only (no target without either)
+    Check(
+        "MACRLModel bf16 compiled", "img/s / timm fp32", "MACRLModel bf16 compiled", "timm ViT fp32", "speed", ">=",
+        {"amx": 4.0, "avx512_bf16": 1.4},
+    ),
+    Check("MACRLModel bf16 compiled", "img/s / timm bf16 comp.", "MACRLModel bf16 compiled", "timm ViT bf16 compiled", "speed"),
+    Check("timm ViT bf16 compiled", "img/s / timm fp32", "timm ViT bf16 compiled", "timm ViT fp32", "speed"),
 )
 
 # ------------------------------------------------------------------------------------------------- model building
@@ -201,6 +238,12 @@ def bf16_momentum_forward(model, device: torch.device) -> None:
     model.forward_momentum = forward_momentum
 
 
+def compiled_momentum_forward(model) -> None:
+    """`torch.compile` only `model.forward_momentum`, the no-grad inference half of a step (momentum encoder and
+    projector); it runs under the step's autocast."""
+    model.forward_momentum = torch.compile(model.forward_momentum)
+
+
 def build_case(
     size: Size, case: str, batch: int, device: torch.device, amp: bool = False, compiled: bool = False, cache=None
 ) -> Callable[[], None]:
@@ -221,7 +264,8 @@ def build_case(
 
     if case in PRETRAIN_CASES:
         is_macrl = case != "ViTMAEForPreTraining"
-        amp = amp or case == "MACRL bf16 autocast"
+        amp = amp or case in ("MACRL bf16 autocast", "MACRL bf16 compiled momentum fwd", "MACRL bf16 compiled")
+        compiled = compiled or case == "MACRL bf16 compiled"
         if case in ("MACRL", "MACRL bf16 autocast") and not compiled:
             if "macrl" not in cache:  # the same model and optimizer for fp32 and bf16 autocast
                 model = MACRLForPreTraining(config).to(device).train()
@@ -243,6 +287,8 @@ def build_case(
             model = model.to(device).train()
             if case == "MACRL bf16 momentum fwd":
                 bf16_momentum_forward(model, device)
+            if case == "MACRL bf16 compiled momentum fwd":
+                compiled_momentum_forward(model)
             optimizer = torch.optim.AdamW(
                 [p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=0.05
             )
@@ -263,18 +309,30 @@ def build_case(
         return step
 
     if case in EXTRACT_CASES:
-        amp = amp or case.endswith("bf16")
+        from macrl.feature_extraction import inference_precision, prepare_for_inference
+
+        amp = amp or case.endswith("bf16 autocast")
+        bf16_weights = case.endswith(("bf16", "bf16 compiled"))
+        compiled = compiled or case.endswith("compiled")
+        precision = inference_precision(device, "bf16" if bf16_weights else "fp32")
+        inputs = x.to(precision.weights)
         if case.startswith("MACRLModel"):
-            model = MACRLModel(config)
-            run = lambda m: m(x).pooler_output  # noqa: E731
-        elif case.startswith("timm"):
-            model = timm_model(config)
-            run = lambda m: m(x)  # noqa: E731
+            # the package's own path: what `macrl-extract --dtype ... [--compile]` runs
+            model = prepare_for_inference(
+                MACRLModel(config), device, "bf16" if bf16_weights else "fp32", compile=compiled
+            )
+            forward = model
+            run = lambda m: m(inputs).pooler_output  # noqa: E731
         else:
-            model = hf_vit_model(config)
-            run = lambda m: m(pixel_values=x).last_hidden_state[:, 0]  # noqa: E731
-        model = model.to(device).eval()
-        forward = torch.compile(model) if compiled else model
+            if case.startswith("timm"):
+                model = timm_model(config)
+                run = lambda m: m(inputs)  # noqa: E731
+            else:
+                model = hf_vit_model(config)
+                run = lambda m: m(pixel_values=inputs).last_hidden_state[:, 0]  # noqa: E731
+            model = model.to(device, dtype=precision.weights).eval()  # timm: the same treatment as MACRL's
+            forward = torch.compile(model) if compiled else model
+        amp = amp or precision.autocast is not None
 
         def step() -> None:
             with torch.inference_mode(), autocast(device, amp):
@@ -433,6 +491,7 @@ class Result:
     peak_mb: float | str | None = None
     extra: dict[str, float | str] = field(default_factory=dict)  # GPU columns: images/s
     error: str | None = None
+    compile_seconds: float | None = None  # the first call of a compiled case
 
     @property
     def seconds(self) -> float | None:
@@ -477,14 +536,15 @@ def _run_guarded(name: str, steps: dict, results: dict, device: torch.device, re
 def benchmark_size(size_name: str, args: argparse.Namespace, device: torch.device) -> list[Result]:
     size = SIZES[size_name]
     batch = args.batch_size or size.batch
-    cases = PRETRAIN_CASES + EXTRACT_CASES
+    cases = {"all": PRETRAIN_CASES + EXTRACT_CASES, "pretrain": PRETRAIN_CASES, "extract": EXTRACT_CASES}[args.task]
+    cases = tuple(case for case in cases if not (args.no_compile and case in COMPILED_CASES))
     results = {case: Result(size_name, case, batch) for case in cases}
     log = (lambda message: print(f"[{size_name}] {message}", file=sys.stderr, flush=True)) if args.verbose else None
 
     # peak memory first, each pretraining case in a fresh process (CPU), before this process holds any model
     if not args.no_memory:
-        for case in PRETRAIN_CASES:
-            if device.type == "cpu":
+        for case in PRETRAIN_CASES if args.task != "extract" else ():
+            if device.type == "cpu" and case not in COMPILED_CASES:  # a fresh process would compile again
                 log and log(f"peak memory of {case}")
                 results[case].peak_mb = measure_memory_cpu(size_name, case, batch, steps=2)
 
@@ -493,8 +553,16 @@ def benchmark_size(size_name: str, args: argparse.Namespace, device: torch.devic
     for case in cases:
         try:
             steps[case] = build_case(size, case, batch, device, cache=cache)
+            if case in COMPILED_CASES:  # the first call compiles: timed apart, not a warm-up step like the others
+                log and log(f"compiling {case}")
+                synchronize(device)
+                started = time.perf_counter()
+                steps[case]()
+                synchronize(device)
+                results[case].compile_seconds = time.perf_counter() - started
         except Exception as error:
             results[case].error = f"{type(error).__name__}: {error}"[:80]
+            steps.pop(case, None)
     if device.type == "cuda" and not args.no_memory:
         for case in PRETRAIN_CASES:
             if case in steps:
@@ -508,7 +576,7 @@ def benchmark_size(size_name: str, args: argparse.Namespace, device: torch.devic
         for column, amp, compiled in (("bf16 img/s", True, False), ("compile img/s", False, True)):
             extra_steps, extra_results = {}, {}
             for case in cases:
-                if "bf16" in case:
+                if "bf16" in case or case in COMPILED_CASES:
                     continue
                 try:
                     extra_steps[case] = build_case(size, case, batch, device, amp=amp, compiled=compiled)
@@ -527,7 +595,7 @@ def benchmark_size(size_name: str, args: argparse.Namespace, device: torch.devic
 # -------------------------------------------------------------------------------------------------------- report
 
 
-def machine_lines(device: torch.device) -> list[str]:
+def cpu_name_and_flags() -> tuple[str, set[str]]:
     cpu = platform.processor() or platform.machine()
     flags: set[str] = set()
     try:
@@ -539,13 +607,31 @@ def machine_lines(device: torch.device) -> list[str]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return cpu, flags
+
+
+CPU_KINDS = {"amx": "AMX", "avx512_bf16": "AVX512-BF16 (no AMX)", "none": "neither AMX nor AVX512-BF16"}
+
+
+def cpu_kind(device: torch.device) -> str:
+    """`amx`, `avx512_bf16` or `none`: which bf16 units the CPU has, what the bf16 targets depend on; `gpu` on a
+    GPU, where no CPU target applies."""
+    if device.type != "cpu":
+        return "gpu"
+    flags = cpu_name_and_flags()[1]
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
+
+
+def machine_lines(device: torch.device) -> list[str]:
+    cpu, flags = cpu_name_and_flags()
     bf16_units = [flag for flag in ("amx_bf16", "amx_tile", "avx512_bf16") if flag in flags] or ["none"]
     import timm
     import transformers
 
     lines = [
         f"machine: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
-        f"bf16 CPU units: {', '.join(bf16_units)}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
+        f"bf16 CPU units: {', '.join(bf16_units)} ({CPU_KINDS[cpu_kind(torch.device('cpu'))]}), "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"software: python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
         f"transformers {transformers.__version__}",
     ]
@@ -574,6 +660,7 @@ def build_table(all_results: list[Result], device: torch.device) -> list[list[st
     header = ["size", "task", "case", "batch", "ms/step", "img/s", "peak MB", "check", "ratio", "target", "result"]
     header += gpu_columns
     rows = [header]
+    kind = cpu_kind(device)
     by_size: dict[str, dict[str, Result]] = {}
     for result in all_results:
         by_size.setdefault(result.size, {})[result.case] = result
@@ -606,13 +693,14 @@ def build_table(all_results: list[Result], device: torch.device) -> list[list[st
                 cells = ["", "", "", ""]
             else:
                 ratio = _ratio(by_size[result.size], check)
-                target = f"{check.op}{check.target:.2f}x" if check.op else "(info)"
+                goal = check.target_on(kind)
+                target = f"{check.op}{goal:.2f}x" if check.op and goal is not None else "(info)"
                 if ratio is None:
                     verdict = "n/a"
-                elif check.op is None:
+                elif check.op is None or goal is None:
                     verdict = ""
                 else:
-                    ok = ratio <= check.target if check.op == "<=" else ratio >= check.target
+                    ok = ratio <= goal if check.op == "<=" else ratio >= goal
                     verdict = "PASS" if ok else "FAIL"
                 cells = [check.label, "-" if ratio is None else f"{ratio:.2f}x", target, verdict]
             rows.append(prefix + cells + (extra if index == 0 else [""] * len(extra)))
@@ -646,6 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="override the batch of every size")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke test")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile cases (minutes of compiling)")
+    parser.add_argument(
+        "--task", choices=("all", "pretrain", "extract"), default="all", help="which cases to run (default: all)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, usually one per core)"
     )
@@ -723,7 +815,13 @@ def main(argv: list[str] | None = None) -> int:
         "step (+ momentum EMA for MACRL).\n"
         "       ratios: step time a / b for 'step time', throughput a / b for 'img/s', peak a / b for 'peak mem'.\n"
         "       'MACRL bf16 momentum fwd' is a benchmark-only variant: fp32 step with the no-grad momentum forward "
-        "under bf16 autocast."
+        "under bf16 autocast;\n"
+        "       'MACRL bf16 compiled momentum fwd' / 'MACRL bf16 compiled': the bf16-autocast step with torch.compile of "
+        "the momentum forward only / of the whole model.\n"
+        "       extraction: 'bf16 autocast' keeps float32 weights; 'bf16' casts weights and inputs (MACRL: "
+        "prepare_for_inference, as --dtype bf16; on a CPU without bf16 kernels that falls back to autocast);\n"
+        "       'compiled': torch.compile (MACRL: in place, as --compile). bf16 targets depend on the CPU kind: "
+        "AMX >=4x (compiled), AVX512-BF16 >=1.4x, none elsewhere."
     )
     if device.type == "cuda":
         print("       peak MB: torch.cuda.max_memory_allocated during one step.")
@@ -735,9 +833,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             "       bf16 img/s and compile img/s (bf16 autocast and torch.compile of every fp32 case) need a GPU: "
-            "skipped on CPU; CPU bf16 is in the '... bf16' rows."
+            "skipped on CPU; CPU bf16 and torch.compile have their own rows."
         )
     verdicts = [row[10] for row in build_table(results, device)[1:]]
+    compiled = [result for result in results if result.compile_seconds is not None]
+    if compiled:
+        print("compile time (first call of each compiled case, not in its ms/step):")
+        for result in compiled:
+            print(f"       {result.size}  {result.case}: {result.compile_seconds:.1f} s")
     print(f"targets: {verdicts.count('PASS')} PASS, {verdicts.count('FAIL')} FAIL")
     return 0
 

@@ -140,7 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         "else ./macrl-finetuned)",
     )
     add("--batch-size", type=int_at_least(1), default=256, help="images per forward pass (default: %(default)s)")
-    add("--dtype", choices=EVAL_DTYPES, default="fp32", help="bf16: autocast / mixed precision (default: fp32)")
+    add(
+        "--dtype", choices=EVAL_DTYPES, default="fp32",
+        help="bf16: bf16 weights for kNN / linear-probe features where the device has bf16 kernels (else autocast: "
+        "on an AVX2-only CPU many times slower, a warning says so), mixed precision for fine-tuning (default: fp32)",
+    )
+    add(
+        "--compile", action="store_true",
+        help="torch.compile the encoder for the kNN / linear-probe features (compile time printed, paid once for "
+        "train and test) (default: off)",
+    )
     add("--num-workers", type=int_at_least(0), default=0, help="DataLoader worker processes (default: 0)")
     add("--seed", type=int, default=0, help="held-out split, --limit-* subsets, probe and fine-tuning (default: 0)")
     add("--skip-unreadable", action="store_true", help="skip images that cannot be decoded instead of stopping")
@@ -218,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_pooling": model.config.pooling,
         "device": device.type,
         "dtype": args.dtype,
+        "compile": args.compile,
         "seed": args.seed,
         "macrl_version": __version__,
     }
@@ -230,6 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=args.batch_size, device=device, dtype=args.dtype,
                 knn_k=args.knn_k, knn_temperature=args.knn_temperature, seed=args.seed,
                 num_workers=args.num_workers, skip_unreadable=args.skip_unreadable, progress=show_progress,
+                compile=args.compile,
             )
         )
     if args.finetune_epochs > 0 or args.finetune_max_steps:

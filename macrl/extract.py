@@ -72,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int_at_least(1), default=64, help="images per forward pass (default: %(default)s)")
     add(
         "--dtype", choices=tuple(DTYPE_CHOICES), default="fp32",
-        help="compute precision, bf16/fp16 via autocast; features are saved as float32 (default: %(default)s)",
+        help="compute precision: bf16/fp16 cast the weights once where the device has kernels for them; on a CPU "
+        "without them (AVX2 only) they fall back to autocast, many times slower than fp32 (a warning says so); "
+        "features are saved as float32 (default: %(default)s)",
+    )
+    add(
+        "--compile", action="store_true",
+        help="torch.compile the encoder (its compile time is printed, paid once; the last, smaller batch is padded "
+        "so it compiles once) (default: off)",
     )
     add(
         "--num-workers", type=int_at_least(0), default=0,
@@ -113,7 +120,7 @@ def run(args: argparse.Namespace) -> ExtractionResult:
             model, processor, source,
             pool=pool, batch_size=args.batch_size, device=device, dtype=args.dtype,
             num_workers=args.num_workers, skip_unreadable=args.skip_unreadable,
-            progress=show_progress,
+            progress=show_progress, compile=args.compile,
         )
     info = {
         "model": _model_reference(args.model),
@@ -122,6 +129,7 @@ def run(args: argparse.Namespace) -> ExtractionResult:
         "split": args.split if isinstance(source, HFDatasetSource) else None,
         "pool": pool,
         "dtype": args.dtype,
+        "compile": args.compile,
         "class_names": source.class_names,
     }
     with about("--output"):

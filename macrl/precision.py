@@ -7,7 +7,7 @@ The commands that take --bf16 / --dtype bf16 say so instead of silently running 
 
 import torch
 
-__all__ = ["cpu_runs_bf16_fast", "slow_bf16_warning"]
+__all__ = ["cpu_runs_bf16_fast", "cpu_runs_fp16_fast", "slow_bf16_warning"]
 
 
 def cpu_runs_bf16_fast() -> bool:
@@ -15,6 +15,12 @@ def cpu_runs_bf16_fast() -> bool:
     # torch's own test for its oneDNN bf16 paths (what the mkldnn bf16 tests skip on); no public API asks this
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return True if check is None else bool(check())
+
+
+def cpu_runs_fp16_fast() -> bool:
+    """True when oneDNN has float16 kernels for this CPU (AVX512-FP16 / AMX-FP16); False if torch can't tell."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    return False if check is None else bool(check())
 
 
 def slow_bf16_warning(device: str | torch.device, flag: str) -> str | None:

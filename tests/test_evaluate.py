@@ -224,7 +224,7 @@ def test_finetune_reports_accuracy_and_saves_a_loadable_model(model_folder, sour
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "macrl.evaluate", *args], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "macrl.evaluate", *args], capture_output=True, text=True, timeout=900,
     )
 
 
@@ -258,6 +258,43 @@ def test_cli_writes_json_table_and_updates_the_card(model_folder, tmp_path):
     assert "Linear-probe accuracy" in by_name
     assert 'from_pretrained("someone/macrl-tiny")' in card.text
     assert "| Optimizer steps | 1,234 |" in card.text and "| Dataset | fashion_mnist |" in card.text
+
+
+@pytest.mark.slow  # torch.compile: tens of seconds
+def test_evaluate_encoder_compiled_compiles_once_for_train_and_test(model_folder, sources):
+    from torch._dynamo.utils import counters
+
+    train, test = sources
+    model = MACRLModel.from_pretrained(model_folder)
+    processor = MACRLImageProcessor.from_pretrained(model_folder)
+    torch._dynamo.reset()
+    counters.clear()
+    results = evaluate_encoder(  # 400 and 200 images in batches of 150: both sources end in a smaller batch
+        model, processor, train, test, linear_probe=False, batch_size=150, compile=True, progress=False
+    )
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    reference = evaluate_encoder(
+        MACRLModel.from_pretrained(model_folder), processor, train, test, linear_probe=False, batch_size=150,
+        progress=False,
+    )
+    assert results["knn_accuracy_cls"] == pytest.approx(reference["knn_accuracy_cls"], abs=0.51)
+
+
+@pytest.mark.slow  # torch.compile in a real process
+def test_cli_compile_compiles_once_for_train_and_test(model_folder, tmp_path):
+    output = tmp_path / "results.json"
+    plain = tmp_path / "plain.json"
+    common = ("--model", str(model_folder), "--limit-train", "230", "--limit-test", "70", "--batch-size", "100",
+              "--device", "cpu", "--no-linear-probe", "--no-progress")
+    completed = _run_cli(*common, "--output", str(output), "--dtype", "bf16", "--compile")
+    assert completed.returncode == 0, completed.stderr
+    # ragged last batches (30 train images, 70 test images) and two sources: one compile, printed
+    assert completed.stderr.count("torch.compile: compiled for batches of 100 in") == 1, completed.stderr
+    assert _run_cli(*common, "--output", str(plain)).returncode == 0
+    results, reference = json.loads(output.read_text()), json.loads(plain.read_text())
+    assert results["compile"] is True and results["dtype"] == "bf16"
+    for key in ("knn_accuracy_cls", "knn_accuracy_mean"):  # 70 queries: one changed prediction is 1.4 points
+        assert abs(results[key] - reference[key]) <= 3.0, (key, results[key], reference[key])
 
 
 def _one_error_line(stderr: str) -> str:

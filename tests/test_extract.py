@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from macrl import MACRLConfig, MACRLImageProcessor, MACRLModel
 from macrl.data import ImageFolderSource, load_fashion_mnist
 from macrl.extract import main
-from macrl.feature_extraction import ExtractionResult, extract_features
+from macrl.feature_extraction import ExtractionResult, extract_features, inference_precision, prepare_for_inference
+from macrl.loading import load_encoder_and_processor
 from macrl.precision import cpu_runs_bf16_fast
 
 CLASSES = ["Trouser", "T-shirt_top", "Pullover"]  # folder names; sorted -> Pullover, T-shirt_top, Trouser
@@ -182,9 +183,82 @@ def test_bf16_features_are_close_to_fp32(model_folder, image_folder, reference, 
     cosine = F.cosine_similarity(features, pooler_output, dim=1)
     print(f"bf16 vs fp32 cosine similarity: min {cosine.min():.5f}, mean {cosine.mean():.5f}")
     assert cosine.min() >= 0.99
-    assert not torch.equal(features, pooler_output)  # autocast really ran in bf16
+    assert not torch.equal(features, pooler_output)  # it really ran in bf16
     # on a CPU without bf16 kernels (AVX2, like CI's) the run says it is the slow choice
     assert ("macrl-extract: warning: --dtype bf16: this CPU" in err) == (not cpu_runs_bf16_fast()), err
+
+
+def test_bf16_casts_the_weights_once_where_the_cpu_has_kernels(model_folder, image_folder, reference):
+    _, _, _, pooler_output = reference
+    model, processor = load_encoder_and_processor(str(model_folder))
+    result = extract_features(model, processor, ImageFolderSource(image_folder, mode="L"), batch_size=5, dtype="bf16")
+    assert result.features.dtype == torch.float32 and result.features.shape == pooler_output.shape
+    assert F.cosine_similarity(result.features, pooler_output, dim=1).min() >= 0.99
+    # bf16 weights with bf16 kernels; float32 weights under autocast (as before) on a CPU without them
+    weights = {parameter.dtype for parameter in model.parameters()}
+    assert weights == ({torch.bfloat16} if cpu_runs_bf16_fast() else {torch.float32})
+    assert inference_precision("cpu", "bf16").autocast == (None if cpu_runs_bf16_fast() else torch.bfloat16)
+    assert inference_precision("cpu", "fp32") == inference_precision("cpu", "fp32").__class__(torch.float32, None)
+
+
+def test_pipeline_with_bf16_weights_matches_fp32(model_folder, image_folder, reference):
+    from transformers import pipeline
+
+    _, _, _, pooler_output = reference
+    source = ImageFolderSource(image_folder, mode="L")
+    images = [source.load_image(i) for i in range(len(source))]
+    extractor = pipeline("image-feature-extraction", model=str(model_folder), dtype=torch.bfloat16, device="cpu")
+    assert extractor.model.dtype == torch.bfloat16
+    pooled = torch.stack([row[0] for row in extractor(images, pool=True, return_tensors=True, batch_size=5)])
+    assert F.cosine_similarity(pooled.float(), pooler_output, dim=1).min() >= 0.99
+
+
+@pytest.mark.slow  # torch.compile: tens of seconds
+def test_compiled_run_with_a_ragged_last_batch_compiles_once(model_folder, image_folder, reference):
+    from torch._dynamo.utils import counters
+
+    files, _, _, pooler_output = reference
+    source = ImageFolderSource(image_folder, mode="L")
+    model, processor = load_encoder_and_processor(str(model_folder))
+    torch._dynamo.reset()
+    counters.clear()
+    first = extract_features(model, processor, source, batch_size=5, compile=True)  # 17 images: 5, 5, 5, 2
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    again = extract_features(model, processor, source, batch_size=5, compile=True, pool="mean")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # the second run compiles nothing
+    assert first.ids == files and first.features.shape == (17, 32) and again.features.shape == (17, 32)
+    torch.testing.assert_close(first.features, pooler_output, rtol=1e-4, atol=1e-4)  # padded rows dropped
+
+
+@pytest.mark.slow  # torch.compile: tens of seconds
+def test_pipeline_takes_a_model_prepared_with_bf16_and_compile(model_folder, image_folder, reference):
+    from transformers import pipeline
+
+    _, _, _, pooler_output = reference
+    model, processor = load_encoder_and_processor(str(model_folder))
+    prepared = prepare_for_inference(model, "cpu", "bf16", compile=True)
+    assert isinstance(prepared, MACRLModel) and prepared is model  # compiled in place: still the transformers model
+    extractor = pipeline("image-feature-extraction", model=prepared, image_processor=processor, device="cpu")
+    source = ImageFolderSource(image_folder, mode="L")
+    images = [source.load_image(i) for i in range(len(source))]
+    pooled = torch.stack([row[0] for row in extractor(images, pool=True, return_tensors=True, batch_size=5)])
+    assert F.cosine_similarity(pooled.float(), pooler_output, dim=1).min() >= 0.99
+
+
+@pytest.mark.slow  # torch.compile in a real process
+def test_cli_compile_prints_its_compile_time(model_folder, image_folder, reference, tmp_path):
+    _, _, _, pooler_output = reference
+    output = tmp_path / "feats.safetensors"
+    completed = subprocess.run(
+        [sys.executable, "-m", "macrl.extract", "--model", model_folder, "--data", image_folder, "--output", output,
+         "--batch-size", BATCH, "--device", "cpu", "--dtype", "bf16", "--compile"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "torch.compile: compiled for batches of 5 in" in completed.stderr, completed.stderr
+    features = load_file(output)["features"]
+    assert features.dtype == torch.float32 and F.cosine_similarity(features, pooler_output, dim=1).min() >= 0.99
+    assert _metadata(output)["compile"] == "true"
 
 
 def test_hf_dataset_ids_are_indices(model_folder, tmp_path, capsys):

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data import ImageSource
 from ..devices import resolve_device
-from ..feature_extraction import extract_features
+from ..feature_extraction import extract_features, prepare_for_inference
 from ..modeling_macrl import MACRLModel, pool_tokens
 from .knn import knn_accuracy
 from .labels import EvaluationDataError, check_labelled, num_classes_of
@@ -86,17 +86,23 @@ def extract_pooled_features(
     num_workers: int = 0,
     skip_unreadable: bool = False,
     progress: bool | None = None,
+    compile: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, int]:
     """Encode ``source`` once and pool the tokens every requested way.
+
+    The encoder is readied (and, with ``compile``, compiled) in place by ``prepare_for_inference``, so a second call
+    in the same process reuses the compiled encoder.
 
     Returns:
         ``({pool: float32 [N, D]}, int64 [N] labels or None, number of skipped unreadable images)``, on the CPU.
     """
     pools = _check_pools(pools, model)
+    # the encoder is compiled, not the wrapper: a new wrapper per call must not mean a new compile
+    encoder = prepare_for_inference(_encoder_of(model), device, dtype, compile=compile, batch_size=batch_size)
     result = extract_features(
-        _PooledTokens(_encoder_of(model), pools), processor, source,
+        _PooledTokens(encoder, pools), processor, source,
         pool="none", batch_size=batch_size, device=device, dtype=dtype,
-        num_workers=num_workers, skip_unreadable=skip_unreadable, progress=progress,
+        num_workers=num_workers, skip_unreadable=skip_unreadable, progress=progress, compile=compile,
     )
     features = {pool: result.features[:, i].contiguous() for i, pool in enumerate(pools)}  # each [N, D]
     return features, result.labels, len(result.skipped)
@@ -179,6 +185,7 @@ def evaluate_encoder(
     skip_unreadable: bool = False,
     progress: bool | None = None,
     linear_probe_kwargs: Mapping[str, Any] | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Frozen-feature evaluation of a MACRL encoder: weighted kNN and linear probe, per pooling.
 
@@ -191,8 +198,9 @@ def evaluate_encoder(
             training set, the test images are classified.
         knn, linear_probe: which evaluations to run.
         pools: ``"cls"`` / ``"mean"`` or both; ``None``: both, the model's ``config.pooling`` first.
-        batch_size, device, dtype (``fp32`` / ``bf16`` autocast), num_workers, skip_unreadable, progress: as in
-            :func:`macrl.feature_extraction.extract_features`.
+        batch_size, device, dtype (``fp32`` / ``bf16``), num_workers, skip_unreadable, progress, compile: as in
+            :func:`macrl.feature_extraction.extract_features` (the encoder is readied in place; compiled once for
+            both sources).
         knn_k, knn_temperature: DINO's kNN parameters.
         seed: the linear probe's validation split and batch order.
 
@@ -214,7 +222,7 @@ def evaluate_encoder(
     num_classes = num_classes_of(train_source, test_source)
     common = dict(
         batch_size=batch_size, device=device, dtype=dtype, num_workers=num_workers,
-        skip_unreadable=skip_unreadable, progress=progress,
+        skip_unreadable=skip_unreadable, progress=progress, compile=compile,
     )
     train_features, train_labels, train_skipped = extract_pooled_features(model, processor, train_source, pools, **common)
     test_features, test_labels, test_skipped = extract_pooled_features(model, processor, test_source, pools, **common)
