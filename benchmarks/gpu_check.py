@@ -24,6 +24,8 @@ GPU: `.item()`, `bool(tensor)`, `nonzero`, ...).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -55,7 +57,7 @@ QUICK_SIZES = {"tiny": SIZES["quick"]}
 STEP_MODELS = ("MACRL", "ViTMAE", "MACRL MoCo-v3 mode")
 PRECISIONS = ("fp32", "bf16", "bf16+compile")
 # the shares of --minutes; what is left over is slack for imports, start-up and the table
-SHARES = {"steps": 0.45, "extract": 0.07, "syncs": 0.05, "end-to-end": 0.38}
+SHARES = {"steps": 0.38, "extract": 0.06, "syncs": 0.04, "end-to-end": 0.48}
 # host syncs are what make the host wait for the device inside a step: these operations do, on a GPU
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "_unique2", "unique_dim", "unique_consecutive"}
 # what reads values on the host only when the tensors are on the CPU (MACRLModel's NaN check of its input), so it is
@@ -301,9 +303,12 @@ def attentions(device: torch.device) -> list[str]:
 
 def run_steps(sizes: dict[str, Size], device: torch.device, part: Part, quick: bool, rows: list[Row],
               notes: list[str]) -> None:
+    """Every case's row in table order, measured in two rounds: the eager cases of every size first, then the
+    compiled ones (their compiling takes most of the share, so a share that runs out skips those)."""
     warmup, repeats = (1, 1) if quick else (3, 10)
     if "flash_attention_2" not in attentions(device):
         notes.append("flash_attention_2: skipped, the flash-attn package is not installed (or no CUDA device)")
+    cases = []
     for size_name, size in sizes.items():
         for attention in attentions(device):
             for model_name in STEP_MODELS:
@@ -311,30 +316,36 @@ def run_steps(sizes: dict[str, Size], device: torch.device, part: Part, quick: b
                     row = Row("pretrain step", f"{size_name} {model_name} {attention} {precision}",
                               {"batch": str(size.batch)})
                     rows.append(row)
-                    if precision.endswith("compile") and device.type != "cuda":
-                        row.values["note"] = "skipped: compile is timed on a GPU only"
-                        continue
-                    if attention != "sdpa" and precision == "fp32":
-                        row.values["note"] = "skipped: FlashAttention runs in bf16/fp16 only"
-                        continue
-                    if part.over():
-                        row.values["note"] = part.reason()
-                        continue
-                    try:
-                        step = build_step(size, model_name, precision, attention, device)
-                        row.values.update(time_steps(step, size.batch, device, warmup, repeats))
-                        if model_name == "MACRL" and precision == "bf16" and attention == "sdpa":
-                            with HostSyncCounter(device) as counter:
-                                for _ in range(2):
-                                    step()
-                            row.values["host syncs/step"] = f"{counter.count / 2:g}"
-                            row.values["note"] = sync_note(counter)
-                    except Exception as error:  # one failing case is a row, the others go on
-                        row.values["note"] = f"error: {type(error).__name__}: {error}"[:90]
-                    finally:
-                        step = None
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
+                    cases.append((row, size, model_name, precision, attention))
+    for compiled in (False, True):
+        for row, size, model_name, precision, attention in cases:
+            if precision.endswith("compile") != compiled:
+                continue
+            if compiled and device.type != "cuda":
+                row.values["note"] = "skipped: compile is timed on a GPU only"
+                continue
+            if attention != "sdpa" and precision == "fp32":
+                row.values["note"] = "skipped: FlashAttention runs in bf16/fp16 only"
+                continue
+            if part.over():
+                row.values["note"] = part.reason()
+                continue
+            step = None
+            try:
+                step = build_step(size, model_name, precision, attention, device)
+                row.values.update(time_steps(step, size.batch, device, warmup, repeats))
+                if model_name == "MACRL" and precision == "bf16" and attention == "sdpa":
+                    with HostSyncCounter(device) as counter:
+                        for _ in range(2):
+                            step()
+                    row.values["host syncs/step"] = f"{counter.count / 2:g}"
+                    row.values["note"] = sync_note(counter)
+            except Exception as error:  # one failing case is a row, the others go on
+                row.values["note"] = f"error: {type(error).__name__}: {error}"[:90]
+            finally:
+                del step
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def run_extract(sizes: dict[str, Size], device: torch.device, part: Part, quick: bool, rows: list[Row]) -> None:
@@ -374,7 +385,8 @@ def run_syncs(sizes: dict[str, Size], device: torch.device, part: Part, quick: b
         row.values["note"] = part.reason()
         return
     try:
-        with tempfile.TemporaryDirectory() as folder:
+        # the Trainer prints its log lines: not in the middle of this script's output
+        with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
             counter = trainer_step_syncs(macrl_config(size), batch, device, Path(folder), bf16=True)
         row.values["host syncs/step"] = f"{counter.count / 4:g}"
         row.values["note"] = sync_note(counter)
@@ -386,7 +398,7 @@ def run_syncs(sizes: dict[str, Size], device: torch.device, part: Part, quick: b
 
 
 def write_class_images(folder: Path, classes: int, per_class: int, size: int, seed: int = 0) -> None:
-    """`classes` subfolders of PNG images: each class a grating of its own orientation and colour, at a random phase
+    """`classes` subfolders of JPEG images: each class a grating of its own orientation and colour, at a random phase
     and frequency, with noise, so a kNN on a few minutes' features tells the classes apart (or does not)."""
     import numpy as np
     from PIL import Image
@@ -402,7 +414,9 @@ def write_class_images(folder: Path, classes: int, per_class: int, size: int, se
             frequency = rng.uniform(3, 6)
             wave = np.sin(2 * np.pi * frequency * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 6.3))
             pixels = 0.5 + 0.35 * wave[..., None] * (2 * colour - 1) + rng.normal(0, 0.08, (size, size, 3))
-            Image.fromarray((pixels.clip(0, 1) * 255).astype(np.uint8)).save(target / f"{index:04d}.png")
+            # JPEG: a noisy PNG costs many times more CPU to write, and the workers decode every image every epoch
+            # (benchmarks/results/gpu-check.md)
+            Image.fromarray((pixels.clip(0, 1) * 255).astype(np.uint8)).save(target / f"{index:04d}.jpg", quality=90)
 
 
 def _checkout_env() -> dict[str, str]:
@@ -423,7 +437,7 @@ def run_end_to_end(device: torch.device, part: Part, quick: bool, rows: list[Row
             flags = ["--config", size.preset, "--config-overrides", json.dumps(size.overrides),
                      "--batch-size", "16", "--max-steps", "4", "--num-workers", "0"]
         else:
-            write_class_images(data, classes=10, per_class=200, size=224)
+            write_class_images(data, classes=10, per_class=150, size=224)
             flags = ["--config", "vit-small-patch16-224", "--batch-size", "256", "--max-minutes", "2"]
         row.values["images written s"] = f"{time.monotonic() - started:.1f}"
         command = [sys.executable, "-m", "macrl.pretrain", "--data", str(data), "--output-dir", str(output),
@@ -487,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke test of every part")
-    parser.add_argument("--minutes", type=float, default=None, help="time for all parts (default 8, 3 with --quick)")
+    parser.add_argument("--minutes", type=float, default=None, help="time for all parts (default 7.75, 3 with --quick)")
     return parser
 
 
@@ -495,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    minutes = args.minutes if args.minutes is not None else (3.0 if args.quick else 7.5)
+    minutes = args.minutes if args.minutes is not None else (3.0 if args.quick else 7.75)
     from macrl.devices import has_tf32
 
     if has_tf32(device):
