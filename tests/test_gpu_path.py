@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.gpu_check import HostSyncCounter
 from macrl.devices import MAX_WORKERS_PER_GPU, default_num_workers, has_fused_adamw, has_tf32
-from macrl.distributed import GlobalBatchNorm1d
 from macrl.presets import load_config
 from macrl.training.arguments import PretrainingArguments
 from macrl.training.trainer import build_training_arguments
+
+try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from batch_norm_worker import batch_norm_under_bf16
+except ImportError:  # pragma: no cover - if tests/ becomes a package
+    from tests.batch_norm_worker import batch_norm_under_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,25 +65,13 @@ def test_the_sync_counter_counts_item_and_bool_of_a_tensor():
     assert counter.count == 3, counter.ops
 
 
-def _batch_norm_worker(rank: int, init_file: str, queue) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    norm = GlobalBatchNorm1d(4)
-    x = torch.randn(2 * 6, 4)[rank * 6 : (rank + 1) * 6]  # this process's shard of one global batch
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = norm(torch.nn.functional.linear(x, torch.eye(4)))  # bf16 under autocast
-    y.sum().backward()
-    # plain values: a tensor in the queue would need this process alive until the parent reads it
-    queue.put((rank, str(y.dtype), str(norm.running_mean.dtype), norm.running_mean.tolist()))
-    dist.destroy_process_group()
-
-
+@pytest.mark.slow  # two spawned processes importing torch and transformers: ~20 s
 def test_global_batch_norm_keeps_float32_statistics_under_bf16(tmp_path):
     """Two gloo processes under bf16 autocast: float32 output and running statistics, those of the global batch."""
-    # forked: a spawned process would import this module, and so torch and transformers, again
-    context = mp.get_context("fork")
+    # spawned, not forked: a fork of a process whose torch thread pools have run can hang
+    context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    mp.start_processes(_batch_norm_worker, args=(str(tmp_path / "init"), queue), nprocs=2, start_method="fork")
+    mp.start_processes(batch_norm_under_bf16, args=(str(tmp_path / "init"), queue), nprocs=2, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
     torch.manual_seed(0)
     whole = torch.randn(12, 4).bfloat16().float()
