@@ -24,10 +24,12 @@ from safetensors import safe_open
 
 from .errors import MACRLError
 
-try:  # huggingface_hub 2.x talks HTTP through httpx2 ...
-    from httpx2 import TransportError
-except ImportError:  # pragma: no cover - ... and 1.x through httpx
-    from httpx import TransportError
+# the HTTP client huggingface_hub talks through: httpx2 from its 2.x, httpx in 1.x (where httpx2 may be installed too,
+# by something else, so what is importable does not say which one the Hub calls raise from)
+from huggingface_hub.utils import _http as _hub_http
+
+HTTP = getattr(_hub_http, "httpx2", None) or _hub_http.httpx
+TransportError = HTTP.TransportError
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 # pickled checkpoints can run code when loaded: whatever else the folder holds, they stay local

@@ -12,14 +12,13 @@ import time
 import types
 from pathlib import Path
 
-import httpx2
 import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from macrl import MACRLConfig, MACRLImageProcessor, MACRLModel
-from macrl.hub import HubPushError, push_encoder_to_hub
+from macrl.hub import HTTP, HubPushError, push_encoder_to_hub
 from macrl.model_card import render_model_card, write_model_card
 
 try:  # tests/ is on sys.path under pytest's rootdir conftest
@@ -224,7 +223,7 @@ def test_failed_download_leaves_nothing_a_later_load_would_use(hub, sleeps, push
     cache = tmp_path / "cache"
     if fault == "cut":  # every GET of the weights stops after 0 bytes: the resumes make no progress either
         hub.cut_downloads(1000, fraction=0.0, path_contains="model.safetensors")
-        failure_types = (httpx2.RemoteProtocolError,)  # a body cut short, after 5 resumes without progress
+        failure_types = (HTTP.RemoteProtocolError,)  # a body cut short, after 5 resumes without progress
     else:
         hub.fail_next(1000, status=500, path_contains="model.safetensors", method="GET")
         failure_types = (HfHubHTTPError,)

@@ -6,14 +6,13 @@ import json
 import sys
 from pathlib import Path
 
-import httpx2
 import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from macrl import MACRLImageProcessor, MACRLModel
-from macrl.hub import HubPushError, push_encoder_to_hub
+from macrl.hub import HTTP, HubPushError, push_encoder_to_hub
 from macrl.model_card import render_model_card, write_model_card
 
 try:  # tests/ is on sys.path under pytest's rootdir conftest
@@ -110,7 +109,7 @@ def test_unreachable_hub_names_the_endpoint(hub_server, encoder_folder):
     with pytest.raises(HubPushError, match="HF_ENDPOINT") as failure:
         push_encoder_to_hub(encoder_folder, REPO_ID)
     assert f"Cannot reach the Hub at {hub_server.url} to push {REPO_ID}" in str(failure.value)
-    assert isinstance(failure.value.__cause__, httpx2.TransportError)
+    assert isinstance(failure.value.__cause__, HTTP.TransportError)
     assert _tree_state(encoder_folder) == before
 
 

@@ -7,7 +7,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import httpx2
 import huggingface_hub
 import pytest
 from huggingface_hub import (
@@ -24,6 +23,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+from macrl.hub import HTTP
 
 try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
     from hub_server import GITATTRIBUTES, git_oid, hub_server_fixture, serve_hub  # noqa: F401 (fixture registration)
@@ -228,7 +229,7 @@ def test_fault_injection_and_recovery(repo, hub_server):
 
     # Hub gone: calls fail with a connection error, cached files are still served from the cache.
     hub_server.stop()
-    with pytest.raises(httpx2.ConnectError):
+    with pytest.raises(HTTP.ConnectError):
         api.model_info(REPO)
     assert Path(hf_hub_download(REPO, "config.json")).read_bytes() == FILES["config.json"]
     assert os.environ["HF_ENDPOINT"] == hub_server.url

@@ -129,6 +129,7 @@ def test_resume_continues_exactly(tmp_path):
         (["--augmentation", '{"blur_probability": 0}'], "--augmentation: unknown fields ['blur_probability']"),
         (["--augmentation", '{"blur_prob": 2}'], "--augmentation: blur_prob must be in [0, 1], got 2"),
         (["--augmentation", "[0.5, 1]"], "--augmentation: must be a JSON object"),
+        (["--fp16", "--bf16"], "--fp16 and --bf16 ask for two precisions"),
         (["--batch-size", "15"], None),  # fine on one process: a negative control
     ],
 )

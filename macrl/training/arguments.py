@@ -53,7 +53,11 @@ class PretrainingArguments:
     push_to_hub: str | None = _flag(None, "Hub repo id (org/name) to upload encoder/ to at the end.")
     private: bool = _flag(False, "Create the Hub repo as private.", aliases=["--hub-private", "--hub_private"])
     push_checkpoints: bool = _flag(False, "With --push-to-hub, also upload encoder/ at every checkpoint.")
-    num_workers: int = _flag(1, "Data-loading worker processes per training process.")
+    num_workers: int | None = _flag(
+        None,
+        "Data-loading worker processes per training process. Default: 1 on a CPU (the model needs the cores); on a "
+        "GPU this process's share of the machine's cores, at most 8.",
+    )
     device: str = _flag("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps.", choices=DEVICE_CHOICES)
     bf16: bool | None = _flag(
         None,

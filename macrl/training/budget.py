@@ -14,6 +14,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..devices import has_fused_adamw
 from ..distributed import is_distributed
 from ..modeling_macrl import MACRLForPreTraining
 
@@ -53,31 +54,40 @@ def probe_step_seconds(
     num_workers: int,
     precisions: tuple[bool, ...],
     device: torch.device,
+    fp16: bool = False,
 ) -> dict[bool, float]:
     """The steady time of a real training step in each precision (`True`: bf16 autocast), from `PROBE_STEPS` steps
-    of each on a throwaway copy of `model`.
+    of each on a throwaway copy of `model`, set up as the run's Trainer sets it up (pinned memory and non-blocking
+    copies on CUDA, the fused AdamW where there is one, fp16 autocast with loss scaling under `fp16`).
 
     The precisions take turns step by step, so that load from other processes, which comes and goes, slows them
     alike and the faster one is still found faster. `batch_size` is the per-process batch; with several processes,
     the slowest one's time counts (the same value on every process).
     """
     probe = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-6)
+    parameters = [p for p in probe.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-6, fused=True if has_fused_adamw(device) else None)
+    cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collator
+        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collator, pin_memory=cuda
     )
     batches = itertools.cycle(loader)  # a small data set may hold fewer batches than the probe takes
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    dtype = torch.float16 if fp16 else torch.bfloat16
     durations: dict[bool, list[float]] = {bf16: [] for bf16 in precisions}
     for _ in range(PROBE_STEPS):
         for bf16 in precisions:
             start = time.perf_counter()
-            batch = {key: value.to(device) for key, value in next(batches).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            batch = {key: value.to(device, non_blocking=cuda) for key, value in next(batches).items()}
+            with torch.autocast(device.type, dtype=dtype, enabled=bf16 or fp16):
                 loss = probe(**batch).loss
             optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             probe.update_momentum_branch(0.0)
+            if cuda:  # the GPU runs behind the host: a step is done when its kernels are
+                torch.cuda.synchronize(device)
             durations[bf16].append(time.perf_counter() - start)
     seconds = torch.tensor([steady_step_seconds(durations[bf16]) for bf16 in precisions])
     if is_distributed():

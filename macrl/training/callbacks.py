@@ -1,9 +1,11 @@
-"""Trainer callbacks of the pre-training loop: momentum EMA, data epoch, the JSONL log, checkpoint pushes."""
+"""Trainer callbacks of the pre-training loop: momentum EMA, data epoch, the JSONL log, checkpoint pushes, the time
+to the first step."""
 
 import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -68,6 +70,20 @@ class JsonlLogCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as file:
             file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class FirstStepTimer(TrainerCallback):
+    """The seconds from `started` (a `time.monotonic()` at the run's start) to the end of the first optimiser step
+    this process trains: what opening the data, building the model, the budget probe, compiling and the first batch
+    cost before training gets going (on a GPU, up to the host's side of that step)."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.seconds: float | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds is None:
+            self.seconds = time.monotonic() - self.started
 
 
 class LogLastStepCallback(TrainerCallback):

@@ -31,14 +31,14 @@ from ..precision import cpu_runs_bf16_fast, slow_bf16_warning
 from ..presets import load_config
 from .arguments import PretrainingArguments
 from .budget import STEP_HEADROOM, fit_steps_to_budget, probe_step_seconds
-from .callbacks import DataEpochCallback, JsonlLogCallback, PushCheckpointCallback
+from .callbacks import DataEpochCallback, FirstStepTimer, JsonlLogCallback, PushCheckpointCallback
 from .checkpoints import resolve_checkpoint
 from .data import build_augmentation, build_pretraining_data
 from .final_evaluation import final_evaluation
 from .knn_monitor import KnnMonitor
 from .pictures import plot_loss_curves, reconstruction_grid
 from .release import EncoderRelease
-from .trainer import MACRLPretrainer, build_training_arguments, world_size
+from .trainer import MACRLPretrainer, build_training_arguments, num_workers, world_size
 
 __all__ = ["PretrainingError", "run_pretraining"]
 
@@ -83,7 +83,11 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         trackers = args.trackers()
     except ValueError as error:
         raise PretrainingError(f"--report-to: {error}") from error
+    if args.fp16 and args.bf16:
+        raise PretrainingError("--fp16 and --bf16 ask for two precisions; choose one")
     device = resolve_device(args.device)
+    # unset, the data-loading workers are the device's default (`--num-workers`), the same for the probe and the run
+    args = dataclasses.replace(args, num_workers=num_workers(args, device))
     resume_from = resolve_checkpoint(args.resume, checkpoint_dir, config)
     data = build_pretraining_data(args, config, augmentation)
     if len(data.train) < args.batch_size:
@@ -95,7 +99,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     model = MACRLForPreTraining(config)
     if args.bf16 and (warning := slow_bf16_warning(device, "--bf16")):
         logger.warning(warning)
-    max_steps, bf16 = args.max_steps, args.bf16
+    # --fp16 is the precision: bf16 stays off (the Trainer takes one of the two)
+    max_steps, bf16 = args.max_steps, False if args.fp16 else args.bf16
     if resume_from is not None:
         saved = json.loads(Path(resume_from, "trainer_state.json").read_text())
         clock = saved.get("stateful_callbacks", {}).get("TrainingClock", {}).get("attributes", {})
@@ -109,7 +114,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     elif max_steps <= 0 and args.max_minutes is not None:
         timed = probe_step_seconds(
             model, data.train, data.collator, batch_size=args.batch_size // world_size(),
-            num_workers=args.num_workers, precisions=_precisions_to_time(bf16, device), device=device,
+            num_workers=args.num_workers, precisions=_precisions_to_time(bf16, device), fp16=args.fp16,
+            device=device,
         )
         bf16 = min(timed, key=timed.get)
         if len(timed) > 1:
@@ -146,7 +152,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         repo_id=args.push_to_hub,
         private=args.private,
     )
-    callbacks = [DataEpochCallback(data.train), JsonlLogCallback(output_dir / "logs" / "train_log.jsonl")]
+    first_step = FirstStepTimer(started)
+    callbacks = [DataEpochCallback(data.train), JsonlLogCallback(output_dir / "logs" / "train_log.jsonl"), first_step]
     if "tensorboard" in trackers:  # its own folder: the Trainer's output_dir is the checkpoints' staging folder
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -202,6 +209,9 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
         "stopped_by_time_budget": trainer.clock.stopped_by_budget,
         "bf16": args.bf16,
+        "fp16": args.fp16,
+        "num_workers": args.num_workers,
+        "seconds_to_first_step": None if first_step.seconds is None else round(first_step.seconds, 2),
         "final_learning_rate": _last_logged(trainer, "learning_rate"),
         "final_momentum": trainer.momentum_update.momentum,
         "augmentation": dataclasses.asdict(data.augmentation),

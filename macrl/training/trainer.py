@@ -24,6 +24,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 
+from ..devices import default_num_workers, has_fused_adamw, has_tf32
 from ..presets import base_learning_rate
 from .arguments import PretrainingArguments
 from .budget import TrainingClock, warmup_cosine
@@ -39,13 +40,24 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def num_workers(args: PretrainingArguments, device: torch.device) -> int:
+    """`--num-workers`, or unset the device's default for each of the processes on this machine."""
+    if args.num_workers is not None:
+        return args.num_workers
+    return default_num_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def build_training_arguments(
     args: PretrainingArguments, checkpoint_dir: Path, max_steps: int, config, device: torch.device
 ) -> TrainingArguments:
     """The stock `TrainingArguments` of a run: MAE's optimiser settings, the lr rule `lr x batch / 256`, checkpoints
-    staged under `checkpoint_dir` (`AtomicCheckpoints` keeps `--save-total-limit` of them)."""
+    staged under `checkpoint_dir` (`AtomicCheckpoints` keeps `--save-total-limit` of them), and what the device
+    offers: on CUDA pinned host memory with non-blocking copies, TF32 matmuls (Ampere and newer), the fused AdamW,
+    data-loading workers for the GPU."""
     per_device = args.batch_size // world_size()
     accelerated = device.type != "cpu"
+    cuda = device.type == "cuda"
+    workers = num_workers(args, device)
     # a zero-weight head gets no gradient, which DDP must be told about
     unused_parameters = config.reconstruction_weight == 0 or config.contrastive_weight == 0
     return TrainingArguments(
@@ -59,17 +71,24 @@ def build_training_arguments(
         weight_decay=args.weight_decay,
         adam_beta1=0.9,
         adam_beta2=0.95,
+        # one kernel for all parameters instead of a dozen per tensor (transformers' default only from torch 2.8)
+        optim="adamw_torch_fused" if has_fused_adamw(device) else "adamw_torch",
         max_grad_norm=args.max_grad_norm,  # 0 disables clipping
         seed=args.seed,
         data_seed=args.seed,
         logging_steps=args.logging_steps,
+        # the stock filter reads every step's loss on the host (`isnan(loss)`), a device sync per step; a NaN loss
+        # then shows as NaN in the log instead of being papered over with the mean of the previous ones
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=None,  # AtomicCheckpoints rotates the checkpoints it moved into place
-        dataloader_num_workers=args.num_workers,
-        dataloader_pin_memory=accelerated,
+        dataloader_num_workers=workers,
+        # page-locked batches, copied while the GPU still runs the previous step
+        dataloader_pin_memory=cuda,
+        accelerator_config={"non_blocking": cuda},
         dataloader_drop_last=True,  # BatchNorm and InfoNCE want full, equal batches on every process
-        dataloader_persistent_workers=args.num_workers > 0,
+        dataloader_persistent_workers=workers > 0,
         remove_unused_columns=False,
         report_to=[tracker for tracker in args.trackers() if tracker != "tensorboard"] or "none",
         # without use_cpu, accelerate treats several CPU processes as one and DDP never syncs them; with it False,
@@ -77,6 +96,9 @@ def build_training_arguments(
         use_cpu=not accelerated,
         bf16=args.bf16,
         fp16=args.fp16,
+        # fp32 matmuls (and what autocast leaves in fp32) on TF32 tensor cores; None leaves torch's setting alone,
+        # where True would raise on a device without them
+        tf32=True if has_tf32(device) else None,
         torch_compile=args.compile,
         ddp_find_unused_parameters=unused_parameters,
         ddp_backend="gloo" if world_size() > 1 and not accelerated else None,
