@@ -18,7 +18,14 @@ class PretrainingArguments:
     data: str | None = _flag(
         None,
         "Training images: a folder (recursive; class subfolders, if any, are used for the kNN evaluation), a saved "
-        "`datasets` dataset or dataset name. Default: Fashion-MNIST from Debian's dataset-fashion-mnist package.",
+        "`datasets` dataset or dataset name, or WebDataset tar shards ('shards/train-{000000..000999}.tar', a "
+        "pipe: command, URLs), read as a stream. Default: Fashion-MNIST from Debian's dataset-fashion-mnist package.",
+    )
+    streaming: bool = _flag(
+        False, "Stream the `datasets` dataset --data names (an IterableDataset) instead of reading it whole."
+    )
+    shuffle_buffer: int = _flag(
+        1000, "Shards and streams: the shuffle buffer of every reader (process x worker), in images."
     )
     output_dir: str = _flag("outputs/macrl-fmnist", "Where the model, encoder/, logs, pictures and checkpoints go.")
     config: str = _flag("fmnist", "Model config: a preset name (fmnist, tiny, vit-small-patch16-224, "

@@ -62,7 +62,8 @@ def probe_step_seconds(
     probe = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=1e-6)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collator
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collator,
+        shuffle=not isinstance(dataset, torch.utils.data.IterableDataset),  # a stream shuffles itself
     )
     batches = itertools.cycle(loader)  # a small data set may hold fewer batches than the probe takes
     durations = []
