@@ -68,10 +68,14 @@ class HFStreamingShards:
         shard = self._dataset.shard(num_shards=len(self.shards), index=shard_index, contiguous=True)
         if skip:
             shard = shard.skip(skip)
-        for row, example in enumerate(shard, start=skip):
-            value = example[self.image_column]
-            if isinstance(value, dict):  # an Image feature with decode=False
-                value = value.get("bytes") or open(value["path"], "rb").read()
-            label = example.get(self.label_column) if self.label_column else None
-            yield StreamSample(f"{shard_index}/{row}", self.shards[shard_index], value,
-                               label if isinstance(label, int) else None)
+        row = skip
+        # iter(), not iteration: in a DataLoader worker, iterating an IterableDataset reads only "its" share of the
+        # shards (datasets splits them across workers itself), and this one shard is the share of worker 0
+        for rows in shard.iter(batch_size=64):
+            labels = rows[self.label_column] if self.label_column else [None] * len(rows[self.image_column])
+            for value, label in zip(rows[self.image_column], labels):
+                if isinstance(value, dict):  # an Image feature with decode=False
+                    value = value.get("bytes") or open(value["path"], "rb").read()
+                yield StreamSample(f"{shard_index}/{row}", self.shards[shard_index], value,
+                                   label if isinstance(label, int) else None)
+                row += 1

@@ -222,6 +222,7 @@ class StreamingTwoViewDataset(IterableDataset):
         while True:
             mine = shard_order(len(self.stream.shards), self.seed, epoch)[reader::readers]
             samples = self._read(mine, shard, offset)
+            yielded = False
             while True:
                 batch: list[tuple[int, int, StreamSample | None]] = []
                 for item in samples:
@@ -241,9 +242,15 @@ class StreamingTwoViewDataset(IterableDataset):
                         continue
                     position = StreamPosition(reader, readers, epoch, window_shard, window_offset, window, taken + 1, skipped)
                     made["data_position"] = position.as_tensor()
+                    yielded = True
                     yield made
                 window += 1
                 taken = 0
+            if not yielded and start is None:  # a whole epoch of this reader's shards gave no image: it never will
+                from .open_data import DataError
+
+                raise DataError(f"{self.name}: the shards of reader {reader} of {readers} hold no readable image")
+            start = None
             epoch, shard, offset, window, taken = epoch + 1, 0, 0, 0, 0
 
     def _read(self, mine: list[int], shard: int, offset: int) -> Iterator[tuple[int, int, StreamSample | None]]:
