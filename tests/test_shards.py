@@ -276,3 +276,54 @@ def test_streaming_datasets_split_across_workers_once_per_epoch(tmp_path):
     seen = _by_epoch(_read(dataset, 2 * 64 // 8, workers=2))
     for epoch in (0, 1):
         assert len(seen[epoch]) == 64 and set(seen[epoch].values()) == {1}
+
+
+def test_kill_9_mid_epoch_then_resume_ends_with_the_weights_of_an_uninterrupted_run(shards, tmp_path):
+    """`macrl-pretrain --data SHARDS --num-workers 2` killed during step 6 (checkpoint at 3: both readers inside a
+    shuffle window, and the next batch is worker 1's), then `--resume`: the same weights and log as a run never
+    interrupted."""
+    from test_crash_safety import ENV, TIMEOUT, _kill, _log, _poll, _logged_steps
+
+    args = ["--data", shards, "--config", "tiny", "--batch-size", "16", "--num-workers", "2", "--logging-steps", "1",
+            "--save-steps", "3", "--max-steps", "9", "--no-knn", "--seed", "3", "--shuffle-buffer", "20"]
+
+    def launch(out: Path, *extra) -> subprocess.Popen:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "stderr.txt", "ab") as stderr:
+            command = [sys.executable, "-m", "macrl.pretrain", *args, "--output-dir", str(out), *extra]
+            return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def finish(process, out):
+        assert process.wait(timeout=TIMEOUT) == 0, (out / "stderr.txt").read_text()[-3000:]
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    first = launch(reference)
+    killed = launch(run)
+    assert _poll(killed, lambda: _logged_steps(run) >= 5) is not None, (run / "stderr.txt").read_text()[-3000:]
+    _kill(killed)
+    state = json.loads((run / "checkpoints" / "checkpoint-3" / "data_state_0.json").read_text())
+    assert state["batches"] == 3 and sorted(p[6] for p in state["positions"]) == [8, 16]  # taken, in 20-windows
+    assert not (run / "model.safetensors").exists()
+    finish(first, reference)
+    finish(launch(run, "--resume"), run)
+    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert _log(run) == _log(reference)
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 9 and results["epochs"] == round(9 * 16 / IMAGES, 3)
+
+
+def test_gradient_accumulation_splits_the_global_batch_into_micro_batches(tmp_path):
+    """`--gradient-accumulation-steps 2 --batch-size 16`: the Trainer takes micro-batches of 8, steps once per 16
+    images, and a batch that does not split is refused."""
+    from macrl.pretrain import build_parser
+    from macrl.training.trainer import build_training_arguments
+
+    (args,) = build_parser().parse_args_into_dataclasses(
+        args=["--batch-size", "16", "--gradient-accumulation-steps", "2", "--output-dir", str(tmp_path)]
+    )
+    from macrl.presets import load_config
+
+    training = build_training_arguments(args, tmp_path / "checkpoints", 4, load_config("tiny"), torch.device("cpu"))
+    assert training.per_device_train_batch_size == 8 and training.gradient_accumulation_steps == 2
+    assert main(["--batch-size", "16", "--gradient-accumulation-steps", "3", "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "out")]) == 2

@@ -31,6 +31,11 @@ class PretrainingArguments:
     config: str = _flag("fmnist", "Model config: a preset name (fmnist, tiny, vit-small-patch16-224, "
                         "vit-base-patch16-224), a JSON file, a folder with config.json, or a JSON object.")
     batch_size: int = _flag(256, "Global batch size (split evenly over the processes).")
+    gradient_accumulation_steps: int = _flag(
+        1,
+        "Accumulate gradients over this many micro-batches per optimiser step: each process takes "
+        "batch_size / (processes x this) images at a time (the contrastive negatives are a micro-batch's).",
+    )
     epochs: float = _flag(100.0, "Passes over the data; ignored when --max-steps or --max-minutes sets the length.")
     max_steps: int = _flag(-1, "Optimiser steps to train; -1 to use --epochs or --max-minutes.")
     max_minutes: float | None = _flag(

@@ -88,6 +88,11 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     checkpoint_dir = output_dir / "checkpoints"
     if args.batch_size % world_size():
         raise PretrainingError(f"--batch-size {args.batch_size} is not divisible by the {world_size()} processes")
+    if args.gradient_accumulation_steps < 1 or args.batch_size % (world_size() * args.gradient_accumulation_steps):
+        raise PretrainingError(
+            f"--batch-size {args.batch_size} is not divisible into {args.gradient_accumulation_steps} micro-batches "
+            f"on each of the {world_size()} processes (--gradient-accumulation-steps)"
+        )
     try:
         config = load_config(args.config, **args.config_changes())
     except (ValueError, StrictDataclassError) as error:  # JSONDecodeError is a ValueError
@@ -131,9 +136,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         budget = f", {spent / 60:.1f} of {args.max_minutes:g} minutes spent" if spent and args.max_minutes else ""
         logger.info("resuming %s at step %d of %d%s", resume_from, saved["global_step"], saved["max_steps"], budget)
     elif max_steps <= 0 and args.max_minutes is not None:
+        micro_batches = args.gradient_accumulation_steps  # a step is this many timed micro-batch steps
         timed = {
-            choice: probe_step_seconds(
-                model, data.train, data.probe_collator(), batch_size=args.batch_size // world_size(),
+            choice: micro_batches * probe_step_seconds(
+                model, data.train, data.probe_collator(), batch_size=args.batch_size // (world_size() * micro_batches),
                 num_workers=args.num_workers, bf16=choice, device=device,
             )
             for choice in _precisions_to_time(bf16, device)

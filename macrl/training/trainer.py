@@ -54,13 +54,14 @@ def build_training_arguments(
     """The stock `TrainingArguments` of a run: MAE's optimiser settings, the lr rule `lr x batch / 256`, checkpoints
     staged under `checkpoint_dir` (`AtomicCheckpoints` keeps `--save-total-limit` of them). A `streamed` run resumes
     its data from the checkpoint's data position, not by the stock Trainer's skipping (`ignore_data_skip`)."""
-    per_device = args.batch_size // world_size()
+    per_device = args.batch_size // (world_size() * args.gradient_accumulation_steps)
     accelerated = device.type != "cpu"
     # a zero-weight head gets no gradient, which DDP must be told about
     unused_parameters = config.reconstruction_weight == 0 or config.contrastive_weight == 0
     return TrainingArguments(
         output_dir=str(checkpoint_dir / STAGING_DIR),
         per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         num_train_epochs=args.epochs,
         max_steps=max_steps,
         learning_rate=(args.lr if args.lr is not None else base_learning_rate(args.config)) * args.batch_size / 256,
