@@ -302,7 +302,8 @@ def test_kill_9_mid_epoch_then_resume_ends_with_the_weights_of_an_uninterrupted_
     assert _poll(killed, lambda: _logged_steps(run) >= 5) is not None, (run / "stderr.txt").read_text()[-3000:]
     _kill(killed)
     state = json.loads((run / "checkpoints" / "checkpoint-3" / "data_state_0.json").read_text())
-    assert state["batches"] == 3 and sorted(p[6] for p in state["positions"]) == [8, 16]  # taken, in 20-windows
+    # (reader, window, taken): reader 0 gave batches 0 and 2 (16 images each, windows of 20), reader 1 batch 1
+    assert state["batches"] == 3 and sorted((p[0], p[5], p[6]) for p in state["positions"]) == [(0, 1, 12), (1, 0, 16)]
     assert not (run / "model.safetensors").exists()
     finish(first, reference)
     finish(launch(run, "--resume"), run)
