@@ -24,9 +24,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from macrl.data import (
-    AugmentationConfig,
     BatchedTwoViewDataset,
-    DataError,
     StreamCollator,
     StreamingTwoViewDataset,
     StreamPositions,
