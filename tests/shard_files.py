@@ -30,7 +30,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(folder: Path, images: int = 192, shards: int = 4, start: int = 0) -> str:
-    """`images` Fashion-MNIST images as `shards` tars `folder/train-00000{0..N-1}.tar` (PNG + cls); the brace pattern."""
+    """`images` Fashion-MNIST images as `shards` tars `folder/train-00000{0..N-1}.tar` (PNG + cls); returns the
+    brace pattern."""
     folder.mkdir(parents=True, exist_ok=True)
     samples = fashion_samples(images, start)
     per_shard = -(-images // shards)

@@ -218,7 +218,8 @@ class StreamingTwoViewDataset(IterableDataset):
             )
         position = start or StreamPosition(reader, readers)
         skipped = position.skipped
-        epoch, shard, offset, window, taken = position.epoch, position.shard, position.offset, position.window, position.taken
+        epoch, shard, offset = position.epoch, position.shard, position.offset
+        window, taken = position.window, position.taken
         while True:
             mine = shard_order(len(self.stream.shards), self.seed, epoch)[reader::readers]
             samples = self._read(mine, shard, offset)
@@ -232,7 +233,8 @@ class StreamingTwoViewDataset(IterableDataset):
                 if not batch:
                     break
                 window_shard, window_offset = batch[0][0], batch[0][1]
-                generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch, reader, window])))
+                window_seed = np.random.SeedSequence([self.seed, epoch, reader, window])
+                generator = np.random.Generator(np.random.PCG64(window_seed))
                 order = generator.permutation(len(batch))
                 for taken in range(taken, len(batch)):
                     sample = batch[order[taken]][2]
@@ -240,7 +242,9 @@ class StreamingTwoViewDataset(IterableDataset):
                     if made is None:  # an unreadable sample or the end of a truncated shard, skipped
                         skipped += 1
                         continue
-                    position = StreamPosition(reader, readers, epoch, window_shard, window_offset, window, taken + 1, skipped)
+                    position = StreamPosition(
+                        reader, readers, epoch, window_shard, window_offset, window, taken + 1, skipped
+                    )
                     made["data_position"] = position.as_tensor()
                     yielded = True
                     yield made

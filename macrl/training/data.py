@@ -121,8 +121,8 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
         train = TwoViewDataset(train_source, strong, weak, num_patches=config.num_patches, seed=args.seed)
         collator = None
     return PretrainingData(
-        train, collator, train_source, eval_source, splits.test_split, augmentation, splits.dataset_type, splits.skipped,
-        len(train),
+        train, collator, train_source, eval_source, splits.test_split, augmentation, splits.dataset_type,
+        splits.skipped, len(train),
     )
 
 
