@@ -1,4 +1,6 @@
-"""The one way every command opens its ``--data``: Fashion-MNIST, a folder of images, or a ``datasets`` dataset.
+"""The one way every command opens its ``--data``: Fashion-MNIST, a folder of images, or a ``datasets`` dataset, all
+read with random access; or, for pre-training at scale, a stream: WebDataset tar shards or a streaming ``datasets``
+dataset (``open_stream``).
 
 ``open_source`` turns the argument into an ``ImageSource``; ``open_train_and_test`` also finds the images to
 evaluate on: the data's own test split where it has one, else the seeded held-out split of ``macrl.data.splits``
@@ -14,11 +16,14 @@ from pathlib import Path
 from macrl.data.fashion_mnist import FashionMNISTSource
 from macrl.data.hf_datasets import HFDatasetSource, is_saved_dataset
 from macrl.data.image_folder import ImageFolderSource
+from macrl.data.shards import looks_like_shards
 from macrl.data.sources import ImageSource
 from macrl.data.splits import HOLDOUT_FRACTION, holdout_split
 from macrl.errors import InputError, first_line
 
-__all__ = ["DataError", "DataSplits", "looks_like_hub_id", "open_source", "open_train_and_test"]
+__all__ = [
+    "DataError", "DataSplits", "is_stream", "looks_like_hub_id", "open_source", "open_stream", "open_train_and_test",
+]
 
 # A Hub repo id is "name" or "owner/name" from [A-Za-z0-9_.-]; anything else that does not exist on disk can only be
 # a mistyped local path.
@@ -69,6 +74,45 @@ def open_source(
         raise
     except (OSError, ValueError, ImportError, KeyError) as error:  # a missing Fashion-MNIST file is an OSError
         raise DataError(f"{where}: {first_line(error)}") from error
+
+
+def is_stream(data: str | None, streaming: bool = False) -> bool:
+    """Whether ``--data`` is read as a stream (``open_stream``): WebDataset shards, or anything with ``--streaming``."""
+    return data is not None and (streaming or looks_like_shards(data))
+
+
+def open_stream(
+    data: str,
+    mode: str,
+    *,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
+):
+    """The images that ``--data`` names as a stream of shards (a ``ShardStream``), in PIL ``mode``:
+
+    * WebDataset tar shards (``looks_like_shards``: ``shards/train-{000000..000999}.tar``, a ``pipe:`` command, a
+      ``.tar`` path or URL): ``WebDatasetShards``;
+    * anything else: ``datasets.load_dataset(data, split=split, streaming=True)`` (``HFStreamingShards``).
+
+    Raises:
+        DataError: the data cannot be opened; the message names it and why.
+    """
+    from macrl.data.hf_streaming import HFStreamingShards
+    from macrl.data.shards import UnreadableShardError, WebDatasetShards
+
+    try:
+        if looks_like_shards(data):
+            return WebDatasetShards(data, mode=mode)
+        path = Path(data).expanduser()
+        if not path.exists() and not looks_like_hub_id(data):
+            raise DataError(f"{data}: folder not found")
+        return HFStreamingShards(str(path) if path.exists() else data, split=split, image_column=image_column,
+                                 label_column=label_column, mode=mode)
+    except DataError:
+        raise
+    except (OSError, ValueError, ImportError, KeyError, UnreadableShardError) as error:
+        raise DataError(f"{data}: {first_line(error)}") from error
 
 
 @dataclass

@@ -18,12 +18,24 @@ class PretrainingArguments:
     data: str | None = _flag(
         None,
         "Training images: a folder (recursive; class subfolders, if any, are used for the kNN evaluation), a saved "
-        "`datasets` dataset or dataset name. Default: Fashion-MNIST from Debian's dataset-fashion-mnist package.",
+        "`datasets` dataset or dataset name, or WebDataset tar shards ('shards/train-{000000..000999}.tar', a "
+        "pipe: command, URLs), read as a stream. Default: Fashion-MNIST from Debian's dataset-fashion-mnist package.",
+    )
+    streaming: bool = _flag(
+        False, "Stream the `datasets` dataset --data names (an IterableDataset) instead of reading it whole."
+    )
+    shuffle_buffer: int = _flag(
+        1000, "Shards and streams: the shuffle buffer of every reader (process x worker), in images."
     )
     output_dir: str = _flag("outputs/macrl-fmnist", "Where the model, encoder/, logs, pictures and checkpoints go.")
     config: str = _flag("fmnist", "Model config: a preset name (fmnist, tiny, vit-small-patch16-224, "
                         "vit-base-patch16-224), a JSON file, a folder with config.json, or a JSON object.")
     batch_size: int = _flag(256, "Global batch size (split evenly over the processes).")
+    gradient_accumulation_steps: int = _flag(
+        1,
+        "Accumulate gradients over this many micro-batches per optimiser step: each process takes "
+        "batch_size / (processes x this) images at a time (the contrastive negatives are a micro-batch's).",
+    )
     epochs: float = _flag(100.0, "Passes over the data; ignored when --max-steps or --max-minutes sets the length.")
     max_steps: int = _flag(-1, "Optimiser steps to train; -1 to use --epochs or --max-minutes.")
     max_minutes: float | None = _flag(

@@ -69,7 +69,8 @@ def probe_step_seconds(
     optimizer = torch.optim.AdamW(parameters, lr=1e-6, fused=True if has_fused_adamw(device) else None)
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=collator, pin_memory=cuda
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collator, pin_memory=cuda,
+        shuffle=not isinstance(dataset, torch.utils.data.IterableDataset),  # a stream shuffles itself
     )
     batches = itertools.cycle(loader)  # a small data set may hold fewer batches than the probe takes
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)

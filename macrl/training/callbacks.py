@@ -1,5 +1,5 @@
-"""Trainer callbacks of the pre-training loop: momentum EMA, data epoch, the JSONL log, checkpoint pushes, the time
-to the first step."""
+"""Trainer callbacks of the pre-training loop: momentum EMA, data epoch, a stream's data position, the JSONL log,
+checkpoint pushes, the time to the first step."""
 
 import json
 import logging
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import TwoViewDataset
 from ..errors import first_line
@@ -37,6 +38,34 @@ class DataEpochCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is fractional (e.g. 2.5 after resuming mid-epoch); the small offset absorbs float error
         self.dataset.set_epoch(math.floor(state.epoch + 1e-6))
+
+
+DATA_STATE_FILE = "data_state_{rank}.json"
+
+
+class DataPositionCallback(TrainerCallback):
+    """Writes the data position of a streamed run (`StreamPositions`: every reader's place after the last batch
+    trained on) into each checkpoint, one `data_state_<rank>.json` per process, before `AtomicCheckpoints` moves the
+    checkpoint into place; `load` reads it back for a resumed run."""
+
+    def __init__(self, positions, rank: int, images_per_epoch: int | None = None, global_batch_size: int = 0):
+        self.positions = positions
+        self.rank = rank
+        self.images_per_epoch = images_per_epoch
+        self.global_batch_size = global_batch_size
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # the Trainer's epoch of an endless stream is the fraction of max_steps done; a known length gives the real one
+        if self.images_per_epoch:
+            state.epoch = state.global_step * self.global_batch_size / self.images_per_epoch
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        (folder / DATA_STATE_FILE.format(rank=self.rank)).write_text(json.dumps(self.positions.state_dict()) + "\n")
+
+    @staticmethod
+    def path(checkpoint, rank: int) -> Path:
+        return Path(checkpoint) / DATA_STATE_FILE.format(rank=rank)
 
 
 class JsonlLogCallback(TrainerCallback):

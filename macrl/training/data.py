@@ -19,6 +19,8 @@ from ..data import (
     build_weak_transform,
     open_train_and_test,
 )
+from ..data.open_data import is_stream, open_stream
+from ..data.streaming_two_view_dataset import StreamCollator, StreamingTwoViewDataset, reader_layout
 
 
 # Fashion-MNIST's garments are centred, upright and 28 px: milder crops than ImageNet's keep most of the garment in
@@ -31,14 +33,39 @@ FASHION_MNIST_AUGMENTATION: dict = dict(strong_crop_scale=(0.5, 1.0), weak_crop_
 class PretrainingData:
     """The training dataset and the held-out images of a run."""
 
-    train: TwoViewDataset
-    collator: TwoViewCollator | None  # the DataLoader's collate_fn; None: the default one
-    train_source: ImageSource
+    train: TwoViewDataset | StreamingTwoViewDataset
+    collator: TwoViewCollator | StreamCollator | None  # the DataLoader's collate_fn; None: the default one
+    train_source: ImageSource | None  # None for a stream (no random access)
     eval_source: ImageSource | None  # labelled held-out images (kNN test set, reconstruction pictures)
     eval_split: str | None  # where eval_source comes from: "test" or "held-out"
     augmentation: AugmentationConfig
     dataset_name: str
     skipped: list[tuple[str, str]]
+    num_images: int | None = None  # images per epoch; None: a stream of unknown length
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, StreamingTwoViewDataset)
+
+    def probe_collator(self):
+        """The collate_fn of a timing probe (which trains no model of the run: no data positions)."""
+        return StreamCollator(self.collator.inner, positions=False) if self.streamed else self.collator
+
+    def first_images(self, count: int) -> list:
+        """Up to `count` fixed images to draw reconstructions of: the held-out images' first, else the training
+        images' (a stream's first shard's)."""
+        if not self.streamed:
+            shown = self.eval_source or self.train_source
+            return [shown.load_image(i) for i in range(min(count, len(shown)))]
+        images = []
+        for sample in self.train.stream.samples(0):
+            try:
+                images.append(sample.decode(self.train.mode))
+            except ValueError:  # an unreadable image: the next one
+                continue
+            if len(images) == count:
+                break
+        return images
 
 
 def build_augmentation(args, config: MACRLConfig) -> AugmentationConfig:
@@ -65,6 +92,8 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
         DataError: `--data` cannot be opened, or its images cannot be augmented in batches as asked.
     """
     mode = "L" if config.num_channels == 1 else "RGB"
+    if is_stream(args.data, args.streaming):
+        return _build_streamed(args, config, augmentation, mode)
     splits = open_train_and_test(
         args.data, mode, holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
         hold_out=args.knn, image_column=args.image_column, label_column=args.label_column,
@@ -92,5 +121,40 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
         train = TwoViewDataset(train_source, strong, weak, num_patches=config.num_patches, seed=args.seed)
         collator = None
     return PretrainingData(
-        train, collator, train_source, eval_source, splits.test_split, augmentation, splits.dataset_type, splits.skipped
+        train, collator, train_source, eval_source, splits.test_split, augmentation, splits.dataset_type,
+        splits.skipped, len(train),
+    )
+
+
+def _build_streamed(args, config: MACRLConfig, augmentation: AugmentationConfig, mode: str) -> PretrainingData:
+    """`build_pretraining_data` for shards or a streaming dataset: no held-out images (no random access to hold
+    them out by), per-image views unless `--augmentation {"batched": true}` says the images share one size."""
+    stream = open_stream(args.data, mode, image_column=args.image_column, label_column=args.label_column)
+    _, processes = reader_layout()
+    readers = processes * max(args.num_workers, 1)
+    if len(stream.shards) < readers:
+        raise DataError(
+            f"{args.data}: {len(stream.shards)} shards cannot be split across {processes} processes x "
+            f"{max(args.num_workers, 1)} workers (each reader needs a shard of its own): use more shards or fewer "
+            "--num-workers"
+        )
+    batched = bool(augmentation.batched)
+    augmentation = dataclasses.replace(augmentation, batched=batched)
+    if batched:
+        views = BatchedTwoViewDataset(None, num_patches=config.num_patches, seed=args.seed)
+        inner = TwoViewCollator(augmentation)
+    else:
+        strong, weak = build_strong_transform(augmentation), build_weak_transform(augmentation)
+        views = TwoViewDataset(None, strong, weak, num_patches=config.num_patches, seed=args.seed)
+        inner = None
+    train = StreamingTwoViewDataset(
+        stream, views, mode, buffer_size=args.shuffle_buffer, skip_unreadable=args.skip_unreadable
+    )
+    try:
+        count = stream.count_images(tolerate=args.skip_unreadable)
+    except ValueError as error:  # UnreadableShardError: a local shard that is not a tar
+        raise DataError(f"{args.data}: {error}") from error
+    train.images_per_epoch = count
+    return PretrainingData(
+        train, StreamCollator(inner), None, None, None, augmentation, stream.name, [], count
     )

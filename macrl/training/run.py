@@ -23,6 +23,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import set_seed
 
 from ..data import UnreadableImageError, build_eval_transform
+from ..data.shards import UnreadableShardError
 from ..devices import resolve_device
 from ..errors import InputError, first_line
 from ..image_processing_macrl import MACRLImageProcessor
@@ -71,6 +72,11 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     checkpoint_dir = output_dir / "checkpoints"
     if args.batch_size % world_size():
         raise PretrainingError(f"--batch-size {args.batch_size} is not divisible by the {world_size()} processes")
+    if args.gradient_accumulation_steps < 1 or args.batch_size % (world_size() * args.gradient_accumulation_steps):
+        raise PretrainingError(
+            f"--batch-size {args.batch_size} is not divisible into {args.gradient_accumulation_steps} micro-batches "
+            f"on each of the {world_size()} processes (--gradient-accumulation-steps)"
+        )
     try:
         config = load_config(args.config, **args.config_changes())
     except (ValueError, StrictDataclassError) as error:  # JSONDecodeError is a ValueError
@@ -90,8 +96,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     args = dataclasses.replace(args, num_workers=num_workers(args, device))
     resume_from = resolve_checkpoint(args.resume, checkpoint_dir, config)
     data = build_pretraining_data(args, config, augmentation)
-    if len(data.train) < args.batch_size:
-        raise PretrainingError(f"--data has {len(data.train)} images, fewer than one batch of {args.batch_size}")
+    if data.num_images is not None and data.num_images < args.batch_size:
+        raise PretrainingError(f"--data has {data.num_images} images, fewer than one batch of {args.batch_size}")
     if data.skipped:
         logger.info("skipping %d unreadable images, e.g. %s: %s", len(data.skipped), *data.skipped[0])
 
@@ -101,6 +107,13 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         logger.warning(warning)
     # --fp16 is the precision: bf16 stays off (the Trainer takes one of the two)
     max_steps, bf16 = args.max_steps, False if args.fp16 else args.bf16
+    if data.streamed and max_steps <= 0 and args.max_minutes is None:
+        if data.num_images is None:
+            raise PretrainingError(
+                f"--data {args.data} is a stream of unknown length: set the run's length with --max-steps or "
+                "--max-minutes"
+            )
+        max_steps = math.ceil(args.epochs * (data.num_images // args.batch_size))
     if resume_from is not None:
         saved = json.loads(Path(resume_from, "trainer_state.json").read_text())
         clock = saved.get("stateful_callbacks", {}).get("TrainingClock", {}).get("attributes", {})
@@ -112,11 +125,13 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         budget = f", {spent / 60:.1f} of {args.max_minutes:g} minutes spent" if spent and args.max_minutes else ""
         logger.info("resuming %s at step %d of %d%s", resume_from, saved["global_step"], saved["max_steps"], budget)
     elif max_steps <= 0 and args.max_minutes is not None:
-        timed = probe_step_seconds(
-            model, data.train, data.collator, batch_size=args.batch_size // world_size(),
+        micro_batches = args.gradient_accumulation_steps  # a step is this many timed micro-batch steps
+        micro_seconds = probe_step_seconds(
+            model, data.train, data.probe_collator(), batch_size=args.batch_size // (world_size() * micro_batches),
             num_workers=args.num_workers, precisions=_precisions_to_time(bf16, device), fp16=args.fp16,
             device=device,
         )
+        timed = {choice: micro_batches * seconds for choice, seconds in micro_seconds.items()}
         bf16 = min(timed, key=timed.get)
         if len(timed) > 1:
             logger.info("a step takes %.3f s in bf16, %.3f s in fp32: training in %s", timed[True], timed[False],
@@ -131,7 +146,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     args = dataclasses.replace(args, bf16=bool(bf16))
 
-    training_args = build_training_arguments(args, checkpoint_dir, max_steps, config, device)
+    training_args = build_training_arguments(args, checkpoint_dir, max_steps, config, device, streamed=data.streamed)
     release = EncoderRelease(
         folder=output_dir / "encoder",
         processor=MACRLImageProcessor(
@@ -144,7 +159,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         evaluation_split=data.eval_split,
         facts={
             "dataset": data.dataset_name,
-            "num_images": len(data.train),
+            "num_images": data.num_images,
             "batch_size": args.batch_size,
             "learning_rate": training_args.learning_rate,
             "hardware": f"{world_size()} x {device.type}",
@@ -153,7 +168,9 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         private=args.private,
     )
     first_step = FirstStepTimer(started)
-    callbacks = [DataEpochCallback(data.train), JsonlLogCallback(output_dir / "logs" / "train_log.jsonl"), first_step]
+    callbacks = [JsonlLogCallback(output_dir / "logs" / "train_log.jsonl"), first_step]
+    if not data.streamed:  # a stream counts its own epochs
+        callbacks.insert(0, DataEpochCallback(data.train))
     if "tensorboard" in trackers:  # its own folder: the Trainer's output_dir is the checkpoints' staging folder
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -189,8 +206,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     )
     try:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
-    except UnreadableImageError as error:
-        raise UnreadableImageError(f"{first_line(error)}; the checkpoints so far are kept in {checkpoint_dir}") from error
+    except (UnreadableImageError, UnreadableShardError) as error:
+        raise type(error)(f"{first_line(error)}; the checkpoints so far are kept in {checkpoint_dir}") from error
     if not trainer.is_world_process_zero():
         return {}
     step, last = trainer.state.global_step, trainer.state.max_steps
@@ -201,9 +218,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
 
     model = trainer.model.eval()
     model.save_pretrained(output_dir)  # the full pre-training model, both branches
+    epochs = trainer.state.epoch or 0.0
+    if data.streamed:  # the Trainer cannot count a stream's epochs
+        epochs = step * args.batch_size / data.num_images if data.num_images else None
     results: dict = {
         "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "epochs": round(epochs, 3) if epochs is not None else None,
         "train_loss": round(train_output.training_loss, 4),
         "training_minutes": round(train_output.metrics.get("train_runtime", 0.0) / 60, 2),
         "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
@@ -216,6 +236,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "final_momentum": trainer.momentum_update.momentum,
         "augmentation": dataclasses.asdict(data.augmentation),
     }
+    if trainer.stream_positions is not None:
+        results["skipped_unreadable"] = trainer.stream_positions.skipped  # by this process's readers
+        if results["skipped_unreadable"]:
+            logger.info("skipped %d unreadable images or truncated shard ends", results["skipped_unreadable"])
     if monitor is not None:
         results["knn_monitor_seconds"] = round(monitor.seconds, 2)
         results["knn_monitor_last"] = monitor.last
@@ -234,9 +258,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     if log_path.exists():
         plot_loss_curves(log_path, pictures / "loss_curves.png")
     # fixed held-out images, so the pictures of two runs are comparable
-    shown = data.eval_source or data.train_source
     transform = build_eval_transform(data.augmentation)
-    samples = torch.stack([transform(shown.load_image(i)) for i in range(min(8, len(shown)))])
+    samples = torch.stack([transform(image) for image in data.first_images(8)])
     mean, std = list(data.augmentation.mean), list(data.augmentation.std)
     reconstruction_grid(model.cpu(), samples, mean, std, pictures / "reconstructions.png", seed=args.seed)
 

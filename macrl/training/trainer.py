@@ -11,24 +11,32 @@ What MACRL adds to the stock `transformers.Trainer`, through its public hooks on
 - checkpoints are staged and renamed into place whole (`AtomicCheckpoints`, owned by the trainer: the
   `TrainingArguments.output_dir` is the staging folder `<checkpoint_dir>/.staging`);
 - resuming from a checkpoint with a missing or truncated file raises `CheckpointError`;
-- tokens get no weight decay (MAE's `no_weight_decay`).
+- tokens get no weight decay (MAE's `no_weight_decay`);
+- a streamed dataset (`StreamingTwoViewDataset`: shards, a streaming `datasets` dataset) gets a plain DataLoader of
+  its own (it splits itself across processes and workers; accelerate's wrappers would make every process read
+  everything), the position of every reader after the batches trained on goes into each checkpoint
+  (`DataPositionCallback`), and a resumed run starts the readers there instead of re-reading the data it skips.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 from ..devices import default_num_workers, has_fused_adamw, has_tf32
+from ..data.streaming_two_view_dataset import StreamingTwoViewDataset, StreamPositions
+
 from ..presets import base_learning_rate
 from .arguments import PretrainingArguments
 from .budget import TrainingClock, warmup_cosine
-from .callbacks import LogLastStepCallback, MomentumUpdateCallback
+from .callbacks import DataPositionCallback, LogLastStepCallback, MomentumUpdateCallback
 from .checkpoints import STAGING_DIR, AtomicCheckpoints, CheckpointError, checkpoint_problem
 from .knn_monitor import KnnMonitor
 
@@ -48,13 +56,15 @@ def num_workers(args: PretrainingArguments, device: torch.device) -> int:
 
 
 def build_training_arguments(
-    args: PretrainingArguments, checkpoint_dir: Path, max_steps: int, config, device: torch.device
+    args: PretrainingArguments, checkpoint_dir: Path, max_steps: int, config, device: torch.device,
+    streamed: bool = False,
 ) -> TrainingArguments:
     """The stock `TrainingArguments` of a run: MAE's optimiser settings, the lr rule `lr x batch / 256`, checkpoints
     staged under `checkpoint_dir` (`AtomicCheckpoints` keeps `--save-total-limit` of them), and what the device
     offers: on CUDA pinned host memory with non-blocking copies, TF32 matmuls (Ampere and newer), the fused AdamW,
-    data-loading workers for the GPU."""
-    per_device = args.batch_size // world_size()
+    data-loading workers for the GPU. A `streamed` run resumes its data from the checkpoint's data position, not by
+    the stock Trainer's skipping (`ignore_data_skip`)."""
+    per_device = args.batch_size // (world_size() * args.gradient_accumulation_steps)
     accelerated = device.type != "cpu"
     cuda = device.type == "cuda"
     workers = num_workers(args, device)
@@ -63,6 +73,7 @@ def build_training_arguments(
     return TrainingArguments(
         output_dir=str(checkpoint_dir / STAGING_DIR),
         per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         num_train_epochs=args.epochs,
         max_steps=max_steps,
         learning_rate=(args.lr if args.lr is not None else base_learning_rate(args.config)) * args.batch_size / 256,
@@ -104,6 +115,7 @@ def build_training_arguments(
         ddp_backend="gloo" if world_size() > 1 and not accelerated else None,
         disable_tqdm=False,
         log_level="warning",
+        ignore_data_skip=streamed,
     )
 
 
@@ -118,7 +130,15 @@ class MACRLPretrainer(Trainer):
         self.monitor = monitor
         checkpoints = AtomicCheckpoints(Path(args.output_dir).parent, save_total_limit)
         # the clock first (it decides the stop), the monitor and the last-step log after it
-        own = [self.clock, self.momentum_update, checkpoints, *([monitor] if monitor else []), LogLastStepCallback()]
+        self.stream_positions: StreamPositions | None = None
+        position = []
+        if isinstance(kwargs.get("train_dataset"), StreamingTwoViewDataset):
+            self.stream_positions = StreamPositions()
+            position = [DataPositionCallback(  # before AtomicCheckpoints: written before the move
+                self.stream_positions, args.process_index, kwargs["train_dataset"].images_per_epoch, global_batch_size
+            )]
+        own = [self.clock, self.momentum_update, *position, checkpoints, *([monitor] if monitor else []),
+               LogLastStepCallback()]
         super().__init__(model, args, callbacks=[*own, *(callbacks or [])], **kwargs)
         self.global_batch_size = global_batch_size
         self._loss_parts: dict[str, torch.Tensor] = {}
@@ -132,7 +152,34 @@ class MACRLPretrainer(Trainer):
             problem = checkpoint_problem(resume_from_checkpoint)
             if problem is not None:
                 raise CheckpointError(f"{resume_from_checkpoint} is not a complete checkpoint ({problem})")
+            if self.stream_positions is not None:
+                self._resume_stream(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _resume_stream(self, checkpoint) -> None:
+        path = DataPositionCallback.path(checkpoint, self.args.process_index)
+        try:
+            self.stream_positions.load_state_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"{checkpoint} holds no data position of process {self.args.process_index} ({path.name}: "
+                f"{type(error).__name__}); a streamed run resumes only from its own checkpoints"
+            ) from error
+        self.train_dataset.resume_from(self.stream_positions, self.args.dataloader_num_workers)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.stream_positions is None:
+            return super().get_train_dataloader()
+        workers = self.args.dataloader_num_workers
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
+        )
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.clock.budget_seconds is None or self.lr_scheduler is not None:
@@ -145,7 +192,10 @@ class MACRLPretrainer(Trainer):
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        position = inputs.pop("data_position", None)
         outputs = model(**inputs)
+        if position is not None and self.stream_positions is not None:
+            self.stream_positions.record(position)
         for name in ("loss", "reconstruction_loss", "contrastive_loss"):
             value = getattr(outputs, name).detach().float()
             self._loss_parts[name] = self._loss_parts.get(name, 0.0) + value
