@@ -45,7 +45,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if __package__ in (None, ""):  # run as a script: the repository root holds the benchmarks package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.speed import SIZES, Size, macrl_config, timm_model, vitmae_model  # noqa: E402
+from benchmarks.speed import (  # noqa: E402
+    SIZES,
+    Size,
+    macrl_config,
+    pretraining_step,
+    timm_model,
+    vitmae_model,
+)
 
 # ----------------------------------------------------------------------------------------------------- what runs
 
@@ -245,7 +252,7 @@ def trainer_step_syncs(config, batch: int, device: torch.device, output_dir: Pat
 
 
 def build_step(size: Size, model_name: str, precision: str, attention: str, device: torch.device):
-    """One pre-training case: returns (step function, batch)."""
+    """One pre-training case: returns its step function."""
     from macrl import MACRLForPreTraining
     from macrl.devices import has_fused_adamw
 
@@ -264,17 +271,7 @@ def build_step(size: Size, model_name: str, precision: str, attention: str, devi
     forward = torch.compile(model) if precision.endswith("compile") else model
     amp = precision.startswith("bf16")
     is_macrl = model_name != "ViTMAE"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = forward(x, momentum_pixel_values=x2).loss if is_macrl else forward(pixel_values=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if is_macrl:
-            model.update_momentum_branch(0.5)
-
-    return step
+    return pretraining_step(model, forward, optimizer, x, x2, amp=amp, is_macrl=is_macrl, device=device)
 
 
 def time_steps(step: Callable[[], None], batch: int, device: torch.device, warmup: int, repeats: int) -> dict:

@@ -227,6 +227,22 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+def pretraining_step(model, forward, optimizer, x, x2, *, amp: bool, is_macrl: bool, device: torch.device):
+    """One optimiser step of a pre-training model (`forward`: the model or its compiled form): MACRL on both views
+    with its EMA update, ViTMAE on the first."""
+
+    def step() -> None:
+        with autocast(device, amp):
+            loss = forward(x, momentum_pixel_values=x2).loss if is_macrl else forward(pixel_values=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if is_macrl:
+            model.update_momentum_branch(0.5)
+
+    return step
+
+
 def bf16_momentum_forward(model, device: torch.device) -> None:
     """Run only `model.forward_momentum` (no gradient) under bf16 autocast; the key is returned in float32."""
     full_precision = model.forward_momentum
@@ -293,20 +309,7 @@ def build_case(
                 [p for p in model.parameters() if p.requires_grad], lr=1.5e-4, weight_decay=0.05
             )
         forward = torch.compile(model) if compiled else model
-
-        def step() -> None:
-            with autocast(device, amp):
-                if is_macrl:
-                    loss = forward(x, momentum_pixel_values=x2).loss
-                else:
-                    loss = forward(pixel_values=x).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if is_macrl:
-                model.update_momentum_branch(0.5)
-
-        return step
+        return pretraining_step(model, forward, optimizer, x, x2, amp=amp, is_macrl=is_macrl, device=device)
 
     if case in EXTRACT_CASES:
         from macrl.feature_extraction import inference_precision, prepare_for_inference
