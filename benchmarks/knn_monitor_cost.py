@@ -43,11 +43,11 @@ def run(steps: int, every: int, extra: list[str]) -> dict:
 def table(results: dict, steps: int, every: int) -> str:
     passes = steps // every + (steps % every != 0)  # every N steps, and at the last one
     pass_seconds = results["knn_monitor_seconds"] / passes
-    step_seconds = (results["training_minutes"] * 60 - results["knn_monitor_seconds"]) / steps
+    step_seconds = (results["training_seconds"] - results["knn_monitor_seconds"]) / steps
     lines = [
         *machine_lines(torch.device("cpu")),
         f"measured: {steps} steps, {passes} monitor passes: {step_seconds:.3f} s / step, {pass_seconds:.2f} s / pass "
-        f"({results['knn_monitor_seconds']:.1f} s of {results['training_minutes'] * 60:.0f} s of training, "
+        f"({results['knn_monitor_seconds']:.1f} s of {results['training_seconds']:.0f} s of training, "
         f"last monitor kNN {results['knn_monitor_last']}%)",
         "",
         "| --knn-every | monitor share of the run |",

@@ -226,6 +226,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "epochs": round(epochs, 3) if epochs is not None else None,
         "train_loss": round(train_output.training_loss, 4),
         "training_minutes": round(train_output.metrics.get("train_runtime", 0.0) / 60, 2),
+        "training_seconds": round(train_output.metrics.get("train_runtime", 0.0), 2),
         "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
         "stopped_by_time_budget": trainer.clock.stopped_by_budget,
         "bf16": args.bf16,
