@@ -113,17 +113,20 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
             '(--augmentation {"batched": true}); leave "batched" unset'
         )
     augmentation = dataclasses.replace(augmentation, batched=batched)  # results.json records what ran
-    if batched:
-        train = BatchedTwoViewDataset(train_source, num_patches=config.num_patches, seed=args.seed)
-        collator = TwoViewCollator(augmentation)
-    else:
-        strong, weak = build_strong_transform(augmentation), build_weak_transform(augmentation)
-        train = TwoViewDataset(train_source, strong, weak, num_patches=config.num_patches, seed=args.seed)
-        collator = None
+    train, collator = _two_views(train_source, augmentation, config, args.seed)
     return PretrainingData(
         train, collator, train_source, eval_source, splits.test_split, augmentation, splits.dataset_type,
         splits.skipped, len(train),
     )
+
+
+def _two_views(source: ImageSource | None, augmentation: AugmentationConfig, config: MACRLConfig, seed: int):
+    """The seeded two-view dataset of `source` (None: a stream's, fed image by image) and its DataLoader collate_fn:
+    whole batches augmented in the collate step when `augmentation.batched`, else per-image transforms."""
+    if augmentation.batched:
+        return BatchedTwoViewDataset(source, num_patches=config.num_patches, seed=seed), TwoViewCollator(augmentation)
+    strong, weak = build_strong_transform(augmentation), build_weak_transform(augmentation)
+    return TwoViewDataset(source, strong, weak, num_patches=config.num_patches, seed=seed), None
 
 
 def _build_streamed(args, config: MACRLConfig, augmentation: AugmentationConfig, mode: str) -> PretrainingData:
@@ -140,13 +143,7 @@ def _build_streamed(args, config: MACRLConfig, augmentation: AugmentationConfig,
         )
     batched = bool(augmentation.batched)
     augmentation = dataclasses.replace(augmentation, batched=batched)
-    if batched:
-        views = BatchedTwoViewDataset(None, num_patches=config.num_patches, seed=args.seed)
-        inner = TwoViewCollator(augmentation)
-    else:
-        strong, weak = build_strong_transform(augmentation), build_weak_transform(augmentation)
-        views = TwoViewDataset(None, strong, weak, num_patches=config.num_patches, seed=args.seed)
-        inner = None
+    views, inner = _two_views(None, augmentation, config, args.seed)
     train = StreamingTwoViewDataset(
         stream, views, mode, buffer_size=args.shuffle_buffer, skip_unreadable=args.skip_unreadable
     )
