@@ -38,12 +38,12 @@ from .devices import resolve_device
 from .evaluation.frozen_features import check_labelled, evaluate_encoder
 from .loading import load_encoder_and_processor
 from .model_card import card_evaluation, update_model_card
-from .precision import slow_bf16_warning
+from .precision import slow_precision_warning
 
 __all__ = ["build_parser", "format_table", "main", "run"]
 
 POOL_CHOICES: tuple[str, ...] = ("cls", "mean", "both")
-EVAL_DTYPES: tuple[str, ...] = ("fp32", "bf16")
+EVAL_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 PROG = "macrl-eval"
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int_at_least(1), default=256, help="images per forward pass (default: %(default)s)")
     add(
         "--dtype", choices=EVAL_DTYPES, default="fp32",
-        help="bf16: bf16 weights for kNN / linear-probe features where the device has bf16 kernels (else autocast: "
-        "on an AVX2-only CPU many times slower, a warning says so), mixed precision for fine-tuning (default: fp32)",
+        help="bf16 / fp16: weights in that dtype for kNN / linear-probe features where the device has kernels for it "
+        "(else autocast: on a CPU without them many times slower, a warning says so), mixed precision for "
+        "fine-tuning (default: fp32)",
     )
     add(
         "--compile", action="store_true",
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check_args(args)
     with about("--device"):
         device = resolve_device(args.device)
-    if args.dtype == "bf16" and (warning := slow_bf16_warning(device, "--dtype bf16")):
+    if warning := slow_precision_warning(device, f"--dtype {args.dtype}", args.dtype):
         logger.warning(warning)
     show_progress = not args.no_progress and sys.stderr.isatty()
     with progress_bars(show_progress), about("--model"):

@@ -29,7 +29,7 @@ from .devices import resolve_device
 from .feature_extraction import DTYPE_CHOICES, POOL_CHOICES, ExtractionResult, extract_features
 from .feature_files import check_output_path, save_features
 from .loading import load_encoder_and_processor
-from .precision import slow_bf16_warning
+from .precision import slow_precision_warning
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> ExtractionResult:
         output = check_output_path(args.output)  # fail before the slow part
     with about("--device"):
         device = resolve_device(args.device)
-    if args.dtype == "bf16" and (warning := slow_bf16_warning(device, "--dtype bf16")):
+    if warning := slow_precision_warning(device, f"--dtype {args.dtype}", args.dtype):
         logger.warning(warning)
     show_progress = not args.no_progress and sys.stderr.isatty()
     with progress_bars(show_progress), about("--model"):

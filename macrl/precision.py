@@ -1,13 +1,14 @@
-"""Whether bfloat16 autocast pays off on the CPU it would run on.
+"""Whether bfloat16 / float16 pay off on the CPU they would run on.
 
-bf16 autocast on a CPU is fast only where oneDNN has bfloat16 kernels (AVX512 and AMX cores). On an AVX2-only CPU
-torch falls back to a slow generic kernel, many times slower than fp32 (benchmarks/results/figures-behind-the-code.md).
-The commands that take --bf16 / --dtype bf16 say so instead of silently running that much slower.
+bf16 on a CPU is fast only where oneDNN has bfloat16 kernels (AVX512 and AMX cores). On an AVX2-only CPU torch falls
+back to a slow generic kernel, many times slower than fp32 (benchmarks/results/figures-behind-the-code.md). fp16 has
+kernels on fewer CPUs still (AVX512-FP16 or AMX-FP16). The commands that take --bf16 / --fp16 / --dtype say so
+instead of silently running that much slower.
 """
 
 import torch
 
-__all__ = ["cpu_runs_bf16_fast", "cpu_runs_fp16_fast", "slow_bf16_warning"]
+__all__ = ["cpu_runs_bf16_fast", "cpu_runs_fp16_fast", "slow_precision_warning"]
 
 
 def cpu_runs_bf16_fast() -> bool:
@@ -23,11 +24,15 @@ def cpu_runs_fp16_fast() -> bool:
     return False if check is None else bool(check())
 
 
-def slow_bf16_warning(device: str | torch.device, flag: str) -> str | None:
-    """A one-line warning when `flag` (e.g. `--bf16`) asks for bf16 on a CPU without bf16 kernels, else None."""
-    if torch.device(device).type != "cpu" or cpu_runs_bf16_fast():
+def slow_precision_warning(device: str | torch.device, flag: str, dtype: str = "bf16") -> str | None:
+    """A one-line warning when `flag` (e.g. `--bf16`, `--dtype fp16`) asks for `dtype` (`bf16` or `fp16`; `fp32`
+    never warns) on a CPU without kernels for it, else None."""
+    if dtype == "fp32" or torch.device(device).type != "cpu":
         return None
+    if cpu_runs_bf16_fast() if dtype == "bf16" else cpu_runs_fp16_fast():
+        return None
+    name = {"bf16": "bfloat16", "fp16": "float16"}[dtype]
     return (
-        f"{flag}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 kernels, so bf16 runs many "
+        f"{flag}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no {name} kernels, so {dtype} runs many "
         "times slower than fp32 here; leave it out"
     )

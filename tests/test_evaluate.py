@@ -28,6 +28,7 @@ from macrl.evaluation.finetune import (
     layer_id,
 )
 from macrl.model_card import render_model_card, write_model_card
+from macrl.precision import cpu_runs_fp16_fast
 
 NUM_TRAIN, NUM_TEST = 400, 200
 
@@ -258,6 +259,27 @@ def test_cli_writes_json_table_and_updates_the_card(model_folder, tmp_path):
     assert "Linear-probe accuracy" in by_name
     assert 'from_pretrained("someone/macrl-tiny")' in card.text
     assert "| Optimizer steps | 1,234 |" in card.text and "| Dataset | fashion_mnist |" in card.text
+
+
+def test_cli_fp16_evaluates_and_fine_tunes_in_half_precision(model_folder, tmp_path, capsys):
+    """`--dtype fp16`: kNN features with fp16 weights where the CPU has the kernels (else fp16 autocast, with the
+    warning), and fp16 mixed precision with loss scaling for fine-tuning."""
+    common = ["--model", str(model_folder), "--limit-train", "300", "--limit-test", "100", "--batch-size", "100",
+              "--device", "cpu", "--no-linear-probe", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "fp32.json")]) == 0
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "fp16.json"), "--dtype", "fp16", "--finetune-max-steps", "2",
+                 "--finetune-batch-size", "50", "--finetune-output", str(tmp_path / "tuned")]) == 0
+    err = capsys.readouterr().err
+    assert ("macrl-eval: warning: --dtype fp16: this CPU" in err) == (not cpu_runs_fp16_fast()), err
+    results = json.loads((tmp_path / "fp16.json").read_text())
+    reference = json.loads((tmp_path / "fp32.json").read_text())
+    assert results["dtype"] == "fp16" and results["finetune_steps"] == 2
+    assert all(math.isfinite(loss) for loss in results["finetune_losses"])
+    for key in ("knn_accuracy_cls", "knn_accuracy_mean"):  # 100 queries: one changed prediction is 1 point
+        assert abs(results[key] - reference[key]) <= 2.0, (key, results[key], reference[key])
+    tuned = MACRLForImageClassification.from_pretrained(tmp_path / "tuned")
+    assert {parameter.dtype for parameter in tuned.parameters()} == {torch.float32}  # mixed precision: fp32 master
 
 
 @pytest.mark.slow  # torch.compile: tens of seconds

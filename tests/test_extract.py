@@ -23,7 +23,7 @@ from macrl.data import ImageFolderSource, load_fashion_mnist
 from macrl.extract import main
 from macrl.feature_extraction import ExtractionResult, extract_features, inference_precision, prepare_for_inference
 from macrl.loading import load_encoder_and_processor
-from macrl.precision import cpu_runs_bf16_fast
+from macrl.precision import cpu_runs_bf16_fast, cpu_runs_fp16_fast
 
 CLASSES = ["Trouser", "T-shirt_top", "Pullover"]  # folder names; sorted -> Pullover, T-shirt_top, Trouser
 PER_CLASS = 4
@@ -172,20 +172,23 @@ def test_npy_and_sidecar_with_workers(model_folder, image_folder, reference, tmp
     assert _only_output_files(tmp_path) == ["feats.ids.json", "feats.npy"]
 
 
-def test_bf16_features_are_close_to_fp32(model_folder, image_folder, reference, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_features_are_close_to_fp32(model_folder, image_folder, reference, tmp_path, capsys, dtype):
     _, _, _, pooler_output = reference
-    output = tmp_path / "bf16.safetensors"
-    code, _, err = _run(capsys, "--model", model_folder, "--data", image_folder, "--output", output, "--dtype", "bf16")
+    output = tmp_path / f"{dtype}.safetensors"
+    code, _, err = _run(capsys, "--model", model_folder, "--data", image_folder, "--output", output, "--dtype", dtype)
     assert code == 0, err
     features = load_file(output)["features"]
     assert features.dtype == torch.float32  # saved as float32 whatever the compute dtype
-    assert _metadata(output)["dtype"] == "bf16"
+    assert _metadata(output)["dtype"] == dtype
     cosine = F.cosine_similarity(features, pooler_output, dim=1)
-    print(f"bf16 vs fp32 cosine similarity: min {cosine.min():.5f}, mean {cosine.mean():.5f}")
+    print(f"{dtype} vs fp32 cosine similarity: min {cosine.min():.5f}, mean {cosine.mean():.5f}")
     assert cosine.min() >= 0.99
-    assert not torch.equal(features, pooler_output)  # it really ran in bf16
-    # on a CPU without bf16 kernels (AVX2, like CI's) the run says it is the slow choice
-    assert ("macrl-extract: warning: --dtype bf16: this CPU" in err) == (not cpu_runs_bf16_fast()), err
+    assert not torch.equal(features, pooler_output)  # it really ran in half precision
+    # on a CPU without kernels for the dtype (bf16: AVX2, like CI's; fp16: most CPUs) the run says it is the slow one
+    fast = cpu_runs_bf16_fast() if dtype == "bf16" else cpu_runs_fp16_fast()
+    assert (f"macrl-extract: warning: --dtype {dtype}: this CPU" in err) == (not fast), err
+    assert "fp32: this CPU" not in err
 
 
 def test_bf16_casts_the_weights_once_where_the_cpu_has_kernels(model_folder, image_folder, reference):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from macrl.precision import cpu_runs_bf16_fast, slow_bf16_warning
+from macrl.precision import cpu_runs_bf16_fast, cpu_runs_fp16_fast, slow_precision_warning
 from macrl.pretrain import main as pretrain_main
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -31,12 +31,21 @@ def test_fast_bf16_follows_the_cpu_flags():
 
 
 def test_warning_names_the_flag_and_the_cpu_only_where_bf16_is_slow():
-    warning = slow_bf16_warning("cpu", "--bf16")
+    warning = slow_precision_warning("cpu", "--bf16")
     if cpu_runs_bf16_fast():
         assert warning is None
     else:
         assert warning.startswith("--bf16: this CPU (") and torch.backends.cpu.get_cpu_capability() in warning
-    assert slow_bf16_warning(torch.device("cuda"), "--bf16") is None  # GPUs: autocast's own business
+    assert slow_precision_warning(torch.device("cuda"), "--bf16") is None  # GPUs: autocast's own business
+
+
+def test_fp16_warns_where_the_cpu_has_no_fp16_kernels_and_fp32_never():
+    warning = slow_precision_warning("cpu", "--dtype fp16", "fp16")
+    if cpu_runs_fp16_fast():
+        assert warning is None
+    else:
+        assert warning.startswith("--dtype fp16: this CPU (") and "no float16 kernels" in warning
+    assert slow_precision_warning("cpu", "--dtype fp32", "fp32") is None
 
 
 def test_pretrain_with_bf16_warns_on_a_slow_cpu_and_still_trains(tmp_path, capsys):

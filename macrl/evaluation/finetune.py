@@ -219,6 +219,7 @@ def build_finetune_trainer(
     logging_steps: int | None = None,
     device: str = "cpu",
     bf16: bool = False,
+    fp16: bool = False,
     num_workers: int = 0,
     progress: bool = False,
     callbacks: Iterable | None = None,
@@ -226,7 +227,8 @@ def build_finetune_trainer(
     """A :class:`LayerDecayTrainer` that fine-tunes ``model`` (a ``MACRLForImageClassification``) on ``train_source``.
 
     ``logging_steps=None`` logs about 20 times per run. ``device``: ``cpu`` (even with a GPU present), ``cuda``,
-    ``mps`` or ``auto`` (the Trainer's choice).
+    ``mps`` or ``auto`` (the Trainer's choice). ``bf16`` / ``fp16``: the Trainer's mixed precision (fp16 with loss
+    scaling); at most one.
     Nothing is saved by the trainer itself (``save_strategy="no"``); :func:`finetune` saves the final model.
     """
     if batch_size < 1:
@@ -265,6 +267,7 @@ def build_finetune_trainer(
         report_to="none",
         use_cpu=device == "cpu",  # "auto": the Trainer's choice (cuda, else mps, else cpu)
         bf16=bf16,
+        fp16=fp16,
         disable_tqdm=not progress,
         log_level="warning",
     )
@@ -311,7 +314,7 @@ def finetune(
         output_dir: where the fine-tuned ``MACRLForImageClassification`` and its image processor are saved.
         epochs, batch_size, lr, weight_decay, seed, max_steps (> 0 overrides epochs), warmup_ratio: the usual.
         layer_decay: layer-wise lr decay factor in ``(0, 1]`` (MAE uses 0.65 - 0.75); None: one lr everywhere.
-        dtype: ``fp32`` or ``bf16`` (mixed precision).
+        dtype: ``fp32``, ``bf16`` or ``fp16`` (the Trainer's mixed precision: autocast, fp16 with loss scaling).
 
     Returns:
         ``finetune_accuracy`` (percent, on ``test_source``), ``finetune_eval_loss``, ``finetune_train_loss`` (mean
@@ -320,8 +323,8 @@ def finetune(
     """
     from .. import MACRLForImageClassification
 
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"dtype must be 'fp32', 'bf16' or 'fp16', got {dtype!r}")
     started = time.monotonic()
     class_names = _class_names(train_source, test_source)
     num_classes = len(class_names)
@@ -358,7 +361,7 @@ def finetune(
         model, processor, train_source, test_source,
         output_dir=output_dir, epochs=epochs, batch_size=batch_size, lr=lr, layer_decay=layer_decay,
         weight_decay=weight_decay, seed=seed, max_steps=max_steps, warmup_ratio=warmup_ratio,
-        logging_steps=logging_steps, device=device, bf16=dtype == "bf16", num_workers=num_workers,
+        logging_steps=logging_steps, device=device, bf16=dtype == "bf16", fp16=dtype == "fp16", num_workers=num_workers,
         progress=progress,
     )
     train_output = trainer.train()

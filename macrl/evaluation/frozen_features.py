@@ -198,7 +198,7 @@ def evaluate_encoder(
             training set, the test images are classified.
         knn, linear_probe: which evaluations to run.
         pools: ``"cls"`` / ``"mean"`` or both; ``None``: both, the model's ``config.pooling`` first.
-        batch_size, device, dtype (``fp32`` / ``bf16``), num_workers, skip_unreadable, progress, compile: as in
+        batch_size, device, dtype (``fp32`` / ``bf16`` / ``fp16``), num_workers, skip_unreadable, progress, compile: as in
             :func:`macrl.feature_extraction.extract_features` (the encoder is readied in place; compiled once for
             both sources).
         knn_k, knn_temperature: DINO's kNN parameters.

@@ -28,7 +28,7 @@ from ..devices import resolve_device
 from ..errors import InputError, first_line
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
-from ..precision import cpu_runs_bf16_fast, slow_bf16_warning
+from ..precision import cpu_runs_bf16_fast, slow_precision_warning
 from ..presets import load_config
 from .arguments import PretrainingArguments
 from .budget import STEP_HEADROOM, fit_steps_to_budget, probe_step_seconds
@@ -103,8 +103,9 @@ def run_pretraining(args: PretrainingArguments) -> dict:
 
     set_seed(args.seed)
     model = MACRLForPreTraining(config)
-    if args.bf16 and (warning := slow_bf16_warning(device, "--bf16")):
-        logger.warning(warning)
+    for flag in ("bf16", "fp16"):
+        if getattr(args, flag) and (warning := slow_precision_warning(device, f"--{flag}", flag)):
+            logger.warning(warning)
     # --fp16 is the precision: bf16 stays off (the Trainer takes one of the two)
     max_steps, bf16 = args.max_steps, False if args.fp16 else args.bf16
     if data.streamed and max_steps <= 0 and args.max_minutes is None:
