@@ -194,15 +194,15 @@ def test_resume_mid_epoch_continues_the_stream_and_rereads_only_the_current_wind
     assert first_reads == {"0": 32, "1": 32}
 
 
-def _corrupt_copy(shards: str, folder: Path) -> str:
-    """The shards with the image of fmnist_000050 (shard 1) replaced by bytes that are no PNG."""
+def _corrupt_copy(shards: str, folder: Path, key: str = "fmnist_000050") -> str:
+    """The shards with the image of `key` (by default fmnist_000050, of shard 1) replaced by bytes that are no PNG."""
     source = Path(shards).parent
     folder.mkdir()
     for path in sorted(source.glob("train-*.tar")):
         with tarfile.open(path) as tar, tarfile.open(folder / path.name, "w") as out:
             for member in tar:
                 data = tar.extractfile(member).read()
-                if member.name == "fmnist_000050.png":
+                if member.name == f"{key}.png":
                     data = b"\x89PNG\r\n\x1a\n" + b"broken" * 20
                     member.size = len(data)
                 out.addfile(member, __import__("io").BytesIO(data))
@@ -326,3 +326,57 @@ def test_gradient_accumulation_splits_the_global_batch_into_micro_batches(tmp_pa
     assert training.per_device_train_batch_size == 8 and training.gradient_accumulation_steps == 2
     assert main(["--batch-size", "16", "--gradient-accumulation-steps", "3", "--max-steps", "1",
                  "--output-dir", str(tmp_path / "out")]) == 2
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# one epoch of the 192 images in 12 steps of 16: 2 processes x 2 workers = 4 readers, one shard (48 images) each
+EPOCH_RUN = ["--config", "tiny", "--batch-size", "16", "--num-workers", "2", "--logging-steps", "1", "--max-steps",
+             "12", "--save-steps", "6", "--shuffle-buffer", "20", "--no-knn", "--seed", "0"]
+
+
+def _torchrun_pretrain(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*TORCHRUN, "-m", "macrl.pretrain", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _taken_this_epoch(position: list[int]) -> int:
+    """A reader's images taken so far in its epoch, from its `StreamPosition` (when it reads one shard): its window
+    starts at sample `offset` of the shard, and it took `taken` of that window's (consecutive) samples."""
+    reader, readers, epoch, shard, offset, window, taken, skipped = position
+    assert shard == 0
+    return offset + taken
+
+
+def test_torchrun_on_shards_trains_every_image_once_and_sums_the_skipped(shards, tmp_path):
+    """`torchrun --nproc_per_node 2 macrl-pretrain --data SHARDS --num-workers 2 --skip-unreadable` for one epoch,
+    with one corrupt image in a shard that a reader of process 1 reads: the run completes and writes the encoder and
+    results.json; the data positions of the two processes show the 4 readers (0, 1 in process 0; 2, 3 in process 1)
+    each through its own shard, so every image of the epoch was trained on once; and `skipped_unreadable` counts
+    process 1's skip (it was process 0's count alone)."""
+    from macrl.data.streaming_two_view_dataset import shard_order
+
+    order = shard_order(SHARDS, 0, 0)  # reader g reads shard order[g] in epoch 0
+    per = IMAGES // SHARDS
+    corrupt_shard = order[2]
+    pattern = _corrupt_copy(shards, tmp_path / "corrupt", key=f"fmnist_{corrupt_shard * per:06d}")
+    out = tmp_path / "run"
+    run = _torchrun_pretrain("--data", pattern, *EPOCH_RUN, "--skip-unreadable", "--output-dir", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 12 and results["epochs"] == 1.0 and results["num_workers"] == 2
+    assert (out / "encoder" / "model.safetensors").is_file() and (out / "encoder" / "config.json").is_file()
+
+    states = [json.loads((out / "checkpoints" / "checkpoint-12" / f"data_state_{rank}.json").read_text())
+              for rank in (0, 1)]
+    assert [state["batches"] for state in states] == [12, 12]  # each process trained 12 batches of 8
+    readers = [sorted(position[0] for position in state["positions"]) for state in states]
+    assert readers == [[0, 1], [2, 3]] and all(p[1] == 4 for s in states for p in s["positions"])
+    positions = {p[0]: p for state in states for p in state["positions"]}
+    for reader in (0, 1, 3):  # 6 batches of 8: all 48 images of its shard, in epoch 0, nothing skipped
+        assert positions[reader][2] == 0 and _taken_this_epoch(positions[reader]) == per, positions[reader]
+        assert positions[reader][7] == 0
+    # the reader of the corrupt shard skipped its image, so its 48th image is the first of its next epoch
+    assert positions[2][2] == 1 and _taken_this_epoch(positions[2]) == 1 and positions[2][7] == 1, positions[2]
+    assert results["skipped_unreadable"] == 1
+    assert "skipping an unreadable image" in run.stderr and f"train-{corrupt_shard:06d}.tar" in run.stderr

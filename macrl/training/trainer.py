@@ -167,6 +167,14 @@ class MACRLPretrainer(Trainer):
             ) from error
         self.train_dataset.resume_from(self.stream_positions, self.args.dataloader_num_workers)
 
+    def skipped_unreadable(self) -> int | None:
+        """The unreadable samples and truncated shard ends that the readers of every process skipped (None: not a
+        stream). A collective: every process must call it."""
+        if self.stream_positions is None:
+            return None
+        skipped = torch.tensor(self.stream_positions.skipped, device=self.args.device)
+        return int(self.accelerator.reduce(skipped, reduction="sum").item())
+
     def get_train_dataloader(self) -> DataLoader:
         if self.stream_positions is None:
             return super().get_train_dataloader()
