@@ -380,3 +380,30 @@ def test_torchrun_on_shards_trains_every_image_once_and_sums_the_skipped(shards,
     assert positions[2][2] == 1 and _taken_this_epoch(positions[2]) == 1 and positions[2][7] == 1, positions[2]
     assert results["skipped_unreadable"] == 1
     assert "skipping an unreadable image" in run.stderr and f"train-{corrupt_shard:06d}.tar" in run.stderr
+
+
+def _log_losses(out: Path) -> list[tuple[int, float, float]]:
+    records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["reconstruction_loss"], r["contrastive_loss"]) for r in records]
+
+
+def test_pipe_shards_train_like_the_files_and_a_failing_command_is_one_line(shards, tmp_path, capsys):
+    """`--data 'pipe:cat .../train-{000000..000003}.tar'` (the whole URL brace-expanded, as webdataset does): the
+    run trains on the same images, keyed by the shard file names, so it logs the losses of the files themselves; a
+    command that fails is one line naming its shard and exit status, exit code 1, no traceback."""
+    short = ["--config", "tiny", "--batch-size", "16", "--num-workers", "1", "--logging-steps", "1", "--max-steps",
+             "2", "--shuffle-buffer", "20", "--no-knn"]
+    assert main(["--data", shards, *short, "--output-dir", str(tmp_path / "files")]) == 0
+    assert main(["--data", f"pipe:cat {shards}", *short, "--output-dir", str(tmp_path / "pipe")]) == 0
+    assert (tmp_path / "pipe" / "encoder" / "model.safetensors").is_file()
+    piped = _log_losses(tmp_path / "pipe")
+    assert [step for step, *_ in piped] == [1, 2] and piped == _log_losses(tmp_path / "files")
+    capsys.readouterr()
+
+    missing = tmp_path / "missing"
+    assert main(["--data", f"pipe:cat {missing}-{{0..3}}.tar", *short, "--output-dir", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"macrl-pretrain: error: shard pipe:cat {missing}-"), last
+    assert "its command failed (exit status 1), before its first sample" in last
