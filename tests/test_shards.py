@@ -407,3 +407,35 @@ def test_pipe_shards_train_like_the_files_and_a_failing_command_is_one_line(shar
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"macrl-pretrain: error: shard pipe:cat {missing}-"), last
     assert "its command failed (exit status 1), before its first sample" in last
+
+
+def test_gradient_accumulation_trains_like_the_whole_batch_in_mae_mode(shards, tmp_path):
+    """MAE alone (`--contrastive-weight 0`: a per-image mean loss, no projector and its BatchNorm): 3 steps of
+    `--batch-size 16 --gradient-accumulation-steps 2` log the losses and gradient norms of 3 steps of 16 at once and end
+    with the same weights (AdamW hides a gradient scaled by the accumulation, the logged norm does not); the steps
+    counted are optimiser steps, the batches recorded for the resume are micro-batches."""
+    from safetensors.torch import load_file
+
+    common = ["--data", shards, "--config", "tiny", "--batch-size", "16", "--num-workers", "1", "--logging-steps",
+              "1", "--max-steps", "3", "--save-steps", "3", "--contrastive-weight", "0", "--no-knn"]
+    whole, micro = tmp_path / "whole", tmp_path / "micro"
+    assert main([*common, "--output-dir", str(whole)]) == 0
+    assert main([*common, "--gradient-accumulation-steps", "2", "--output-dir", str(micro)]) == 0
+
+    def log(out):
+        records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["reconstruction_loss"], r["grad_norm"]) for r in records]
+
+    assert [step for step, *_ in log(micro)] == [1, 2, 3]
+    for accumulated, at_once in zip(log(micro), log(whole), strict=True):
+        assert accumulated == pytest.approx(at_once, rel=1e-5)
+    for out in (whole, micro):
+        results = json.loads((out / "results.json").read_text())
+        assert results["steps"] == 3 and results["epochs"] == round(3 * 16 / IMAGES, 3)
+    batches = [json.loads((out / "checkpoints" / "checkpoint-3" / "data_state_0.json").read_text())["batches"]
+               for out in (whole, micro)]
+    assert batches == [3, 6]
+    weights_whole, weights_micro = load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")
+    assert weights_whole.keys() == weights_micro.keys()
+    for name, tensor in weights_whole.items():
+        torch.testing.assert_close(weights_micro[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -140,6 +140,10 @@ class MACRLPretrainer(Trainer):
         own = [self.clock, self.momentum_update, *position, checkpoints, *([monitor] if monitor else []),
                LogLastStepCallback()]
         super().__init__(model, args, callbacks=[*own, *(callbacks or [])], **kwargs)
+        # The model's loss is a mean over its micro-batch, never normalised by `num_items_in_batch`; the Trainer, which
+        # takes a forward with **kwargs for one that is, would then skip dividing it by the gradient accumulation
+        # steps as soon as a batch held "labels" (a gradient that many times too large).
+        self.model_accepts_loss_kwargs = False
         self.global_batch_size = global_batch_size
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._loss_parts_count = 0
