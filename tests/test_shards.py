@@ -439,3 +439,44 @@ def test_gradient_accumulation_trains_like_the_whole_batch_in_mae_mode(shards, t
     assert weights_whole.keys() == weights_micro.keys()
     for name, tensor in weights_whole.items():
         torch.testing.assert_close(weights_micro[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torchrun_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_run(shards, tmp_path):
+    """2 gloo processes x 2 workers on the shards, the launcher and all its processes killed (SIGKILL) after step 5
+    (checkpoint at 3: every reader inside a shuffle window), then `--resume` under torchrun: each process restarts its readers
+    from its own data_state_<rank>.json and the run ends with the weights and log of a run never interrupted."""
+    import signal
+
+    import psutil  # an accelerate dependency
+    from test_crash_safety import ENV, TIMEOUT, _log, _logged_steps, _poll
+
+    command = [*TORCHRUN, "-m", "macrl.pretrain", "--data", shards, "--config", "tiny", "--batch-size", "16",
+               "--num-workers", "2", "--logging-steps", "1", "--save-steps", "3", "--max-steps", "9",
+               "--shuffle-buffer", "20", "--no-knn", "--seed", "3"]
+
+    def launch(out: Path, *extra) -> subprocess.Popen:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "stderr.txt", "ab") as stderr:
+            return subprocess.Popen([*command, "--output-dir", str(out), *extra], env=ENV,
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def finish(process: subprocess.Popen, out: Path) -> None:
+        assert process.wait(timeout=TIMEOUT) == 0, (out / "stderr.txt").read_text()[-3000:]
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    finish(launch(reference), reference)
+    killed = launch(run)
+    assert _poll(killed, lambda: _logged_steps(run) >= 5) is not None, (run / "stderr.txt").read_text()[-3000:]
+    launcher = psutil.Process(killed.pid)
+    # torchrun starts each process in a session of its own: kill the whole tree, as a lost node would
+    processes = launcher.children(recursive=True)
+    for process in (launcher, *processes):
+        process.kill()
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    psutil.wait_procs(processes, timeout=60)
+    assert not (run / "model.safetensors").exists()
+    assert all((run / "checkpoints" / "checkpoint-3" / f"data_state_{rank}.json").is_file() for rank in (0, 1))
+    finish(launch(run, "--resume"), run)
+    assert "checkpoint-3 at step 3 of 9" in (run / "stderr.txt").read_text()
+    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert _log(run) == _log(reference) and [step for step, _ in _log(run)] == list(range(1, 10))
