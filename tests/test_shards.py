@@ -480,3 +480,16 @@ def test_torchrun_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_run(s
     assert "checkpoint-3 at step 3 of 9" in (run / "stderr.txt").read_text()
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     assert _log(run) == _log(reference) and [step for step, _ in _log(run)] == list(range(1, 10))
+
+
+def test_resuming_a_stream_from_its_last_checkpoint_trains_no_more(shards, tmp_path):
+    """A streamed run killed after its last checkpoint (in the final evaluation or export), then `--resume`d: no step
+    beyond --max-steps (the Trainer's endless epochs of a stream trained one more), the same weights."""
+    args = ["--data", shards, "--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1",
+            "--max-steps", "3", "--save-steps", "3", "--no-knn", "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    finished = (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert main([*args, "--resume"]) == 0
+    assert [step for step, *_ in _log_losses(tmp_path / "run")] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 3
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == finished

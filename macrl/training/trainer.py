@@ -179,6 +179,14 @@ class MACRLPretrainer(Trainer):
         skipped = torch.tensor(self.stream_positions.skipped, device=self.args.device)
         return int(self.accelerator.reduce(skipped, reduction="sum").item())
 
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        if self.stream_positions is None:
+            return values
+        # An endless stream is one Trainer epoch of max_steps steps (the stream counts its own epochs): with the
+        # stock sys.maxsize epochs, a run resumed from a checkpoint at its last step trains one step more.
+        return (1, *values[1:])
+
     def get_train_dataloader(self) -> DataLoader:
         if self.stream_positions is None:
             return super().get_train_dataloader()
