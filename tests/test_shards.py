@@ -337,15 +337,14 @@ EPOCH_RUN = ["--config", "tiny", "--batch-size", "16", "--num-workers", "2", "--
 def _torchrun_pretrain(*args, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [*TORCHRUN, "-m", "macrl.pretrain", *map(str, args)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _taken_this_epoch(position: list[int]) -> int:
+def _taken_this_epoch(position) -> int:
     """A reader's images taken so far in its epoch, from its `StreamPosition` (when it reads one shard): its window
     starts at sample `offset` of the shard, and it took `taken` of that window's (consecutive) samples."""
-    reader, readers, epoch, shard, offset, window, taken, skipped = position
-    assert shard == 0
-    return offset + taken
+    assert position.shard == 0
+    return position.offset + position.taken
 
 
 def test_torchrun_on_shards_trains_every_image_once_and_sums_the_skipped(shards, tmp_path):
@@ -354,7 +353,7 @@ def test_torchrun_on_shards_trains_every_image_once_and_sums_the_skipped(shards,
     results.json; the data positions of the two processes show the 4 readers (0, 1 in process 0; 2, 3 in process 1)
     each through its own shard, so every image of the epoch was trained on once; and `skipped_unreadable` counts
     process 1's skip (it was process 0's count alone)."""
-    from macrl.data.streaming_two_view_dataset import shard_order
+    from macrl.data.streaming_two_view_dataset import StreamPosition, shard_order
 
     order = shard_order(SHARDS, 0, 0)  # reader g reads shard order[g] in epoch 0
     per = IMAGES // SHARDS
@@ -370,14 +369,16 @@ def test_torchrun_on_shards_trains_every_image_once_and_sums_the_skipped(shards,
     states = [json.loads((out / "checkpoints" / "checkpoint-12" / f"data_state_{rank}.json").read_text())
               for rank in (0, 1)]
     assert [state["batches"] for state in states] == [12, 12]  # each process trained 12 batches of 8
-    readers = [sorted(position[0] for position in state["positions"]) for state in states]
-    assert readers == [[0, 1], [2, 3]] and all(p[1] == 4 for s in states for p in s["positions"])
-    positions = {p[0]: p for state in states for p in state["positions"]}
+    by_rank = [[StreamPosition.from_values(values) for values in state["positions"]] for state in states]
+    assert [sorted(p.reader for p in mine) for mine in by_rank] == [[0, 1], [2, 3]]
+    positions = {p.reader: p for mine in by_rank for p in mine}
+    assert {p.readers for p in positions.values()} == {4}
     for reader in (0, 1, 3):  # 6 batches of 8: all 48 images of its shard, in epoch 0, nothing skipped
-        assert positions[reader][2] == 0 and _taken_this_epoch(positions[reader]) == per, positions[reader]
-        assert positions[reader][7] == 0
+        position = positions[reader]
+        assert position.epoch == 0 and _taken_this_epoch(position) == per and position.skipped == 0, position
     # the reader of the corrupt shard skipped its image, so its 48th image is the first of its next epoch
-    assert positions[2][2] == 1 and _taken_this_epoch(positions[2]) == 1 and positions[2][7] == 1, positions[2]
+    position = positions[2]
+    assert position.epoch == 1 and _taken_this_epoch(position) == 1 and position.skipped == 1, position
     assert results["skipped_unreadable"] == 1
     assert "skipping an unreadable image" in run.stderr and f"train-{corrupt_shard:06d}.tar" in run.stderr
 
