@@ -15,7 +15,10 @@ What MACRL adds to the stock `transformers.Trainer`, through its public hooks on
 - a streamed dataset (`StreamingTwoViewDataset`: shards, a streaming `datasets` dataset) gets a plain DataLoader of
   its own (it splits itself across processes and workers; accelerate's wrappers would make every process read
   everything), the position of every reader after the batches trained on goes into each checkpoint
-  (`DataPositionCallback`), and a resumed run starts the readers there instead of re-reading the data it skips.
+  (`DataPositionCallback`), and a resumed run starts the readers there instead of re-reading the data it skips;
+  the readers' skipped unreadable samples are summed over the processes (`skipped_unreadable`);
+- the loss is divided by the gradient accumulation steps whatever a batch holds (it is a mean, not a sum to be
+  normalised by `num_items_in_batch`).
 """
 
 from __future__ import annotations
