@@ -194,15 +194,15 @@ def test_resume_mid_epoch_continues_the_stream_and_rereads_only_the_current_wind
     assert first_reads == {"0": 32, "1": 32}
 
 
-def _corrupt_copy(shards: str, folder: Path) -> str:
-    """The shards with the image of fmnist_000050 (shard 1) replaced by bytes that are no PNG."""
+def _corrupt_copy(shards: str, folder: Path, key: str = "fmnist_000050") -> str:
+    """The shards with the image of `key` (by default fmnist_000050, of shard 1) replaced by bytes that are no PNG."""
     source = Path(shards).parent
     folder.mkdir()
     for path in sorted(source.glob("train-*.tar")):
         with tarfile.open(path) as tar, tarfile.open(folder / path.name, "w") as out:
             for member in tar:
                 data = tar.extractfile(member).read()
-                if member.name == "fmnist_000050.png":
+                if member.name == f"{key}.png":
                     data = b"\x89PNG\r\n\x1a\n" + b"broken" * 20
                     member.size = len(data)
                 out.addfile(member, __import__("io").BytesIO(data))
@@ -326,3 +326,171 @@ def test_gradient_accumulation_splits_the_global_batch_into_micro_batches(tmp_pa
     assert training.per_device_train_batch_size == 8 and training.gradient_accumulation_steps == 2
     assert main(["--batch-size", "16", "--gradient-accumulation-steps", "3", "--max-steps", "1",
                  "--output-dir", str(tmp_path / "out")]) == 2
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# one epoch of the 192 images in 12 steps of 16: 2 processes x 2 workers = 4 readers, one shard (48 images) each
+EPOCH_RUN = ["--config", "tiny", "--batch-size", "16", "--num-workers", "2", "--logging-steps", "1", "--max-steps",
+             "12", "--save-steps", "6", "--shuffle-buffer", "20", "--no-knn", "--seed", "0"]
+
+
+def _torchrun_pretrain(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*TORCHRUN, "-m", "macrl.pretrain", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _taken_this_epoch(position) -> int:
+    """A reader's images taken so far in its epoch, from its `StreamPosition` (when it reads one shard): its window
+    starts at sample `offset` of the shard, and it took `taken` of that window's (consecutive) samples."""
+    assert position.shard == 0
+    return position.offset + position.taken
+
+
+def test_torchrun_on_shards_trains_every_image_once_and_sums_the_skipped(shards, tmp_path):
+    """`torchrun --nproc_per_node 2 macrl-pretrain --data SHARDS --num-workers 2 --skip-unreadable` for one epoch,
+    with one corrupt image in a shard that a reader of process 1 reads: the run completes and writes the encoder and
+    results.json; the data positions of the two processes show the 4 readers (0, 1 in process 0; 2, 3 in process 1)
+    each through its own shard, so every image of the epoch was trained on once; and `skipped_unreadable` counts
+    process 1's skip (it was process 0's count alone)."""
+    from macrl.data.streaming_two_view_dataset import StreamPosition, shard_order
+
+    order = shard_order(SHARDS, 0, 0)  # reader g reads shard order[g] in epoch 0
+    per = IMAGES // SHARDS
+    corrupt_shard = order[2]
+    pattern = _corrupt_copy(shards, tmp_path / "corrupt", key=f"fmnist_{corrupt_shard * per:06d}")
+    out = tmp_path / "run"
+    run = _torchrun_pretrain("--data", pattern, *EPOCH_RUN, "--skip-unreadable", "--output-dir", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 12 and results["epochs"] == 1.0 and results["num_workers"] == 2
+    assert (out / "encoder" / "model.safetensors").is_file() and (out / "encoder" / "config.json").is_file()
+
+    states = [json.loads((out / "checkpoints" / "checkpoint-12" / f"data_state_{rank}.json").read_text())
+              for rank in (0, 1)]
+    assert [state["batches"] for state in states] == [12, 12]  # each process trained 12 batches of 8
+    by_rank = [[StreamPosition.from_values(values) for values in state["positions"]] for state in states]
+    assert [sorted(p.reader for p in mine) for mine in by_rank] == [[0, 1], [2, 3]]
+    positions = {p.reader: p for mine in by_rank for p in mine}
+    assert {p.readers for p in positions.values()} == {4}
+    for reader in (0, 1, 3):  # 6 batches of 8: all 48 images of its shard, in epoch 0, nothing skipped
+        position = positions[reader]
+        assert position.epoch == 0 and _taken_this_epoch(position) == per and position.skipped == 0, position
+    # the reader of the corrupt shard skipped its image, so its 48th image is the first of its next epoch
+    position = positions[2]
+    assert position.epoch == 1 and _taken_this_epoch(position) == 1 and position.skipped == 1, position
+    assert results["skipped_unreadable"] == 1
+    assert "skipping an unreadable image" in run.stderr and f"train-{corrupt_shard:06d}.tar" in run.stderr
+
+
+def _log_losses(out: Path) -> list[tuple[int, float, float]]:
+    records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["reconstruction_loss"], r["contrastive_loss"]) for r in records]
+
+
+def test_pipe_shards_train_like_the_files_and_a_failing_command_is_one_line(shards, tmp_path, capsys):
+    """`--data 'pipe:cat .../train-{000000..000003}.tar'` (the whole URL brace-expanded, as webdataset does): the
+    run trains on the same images, keyed by the shard file names, so it logs the losses of the files themselves; a
+    command that fails is one line naming its shard and exit status, exit code 1, no traceback."""
+    short = ["--config", "tiny", "--batch-size", "16", "--num-workers", "1", "--logging-steps", "1", "--max-steps",
+             "2", "--shuffle-buffer", "20", "--no-knn"]
+    assert main(["--data", shards, *short, "--output-dir", str(tmp_path / "files")]) == 0
+    assert main(["--data", f"pipe:cat {shards}", *short, "--output-dir", str(tmp_path / "pipe")]) == 0
+    assert (tmp_path / "pipe" / "encoder" / "model.safetensors").is_file()
+    piped = _log_losses(tmp_path / "pipe")
+    assert [step for step, *_ in piped] == [1, 2] and piped == _log_losses(tmp_path / "files")
+    capsys.readouterr()
+
+    missing = tmp_path / "missing"
+    assert main(["--data", f"pipe:cat {missing}-{{0..3}}.tar", *short, "--output-dir", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"macrl-pretrain: error: shard pipe:cat {missing}-"), last
+    assert "its command failed (exit status 1), before its first sample" in last
+
+
+def test_gradient_accumulation_trains_like_the_whole_batch_in_mae_mode(shards, tmp_path):
+    """MAE alone (`--contrastive-weight 0`: a per-image mean loss, no projector and its BatchNorm): 3 steps of
+    `--batch-size 16 --gradient-accumulation-steps 2` log the losses and gradient norms of 3 steps of 16 at once and end
+    with the same weights (AdamW hides a gradient scaled by the accumulation, the logged norm does not); the steps
+    counted are optimiser steps, the batches recorded for the resume are micro-batches."""
+    from safetensors.torch import load_file
+
+    common = ["--data", shards, "--config", "tiny", "--batch-size", "16", "--num-workers", "1", "--logging-steps",
+              "1", "--max-steps", "3", "--save-steps", "3", "--contrastive-weight", "0", "--no-knn"]
+    whole, micro = tmp_path / "whole", tmp_path / "micro"
+    assert main([*common, "--output-dir", str(whole)]) == 0
+    assert main([*common, "--gradient-accumulation-steps", "2", "--output-dir", str(micro)]) == 0
+
+    def log(out):
+        records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["reconstruction_loss"], r["grad_norm"]) for r in records]
+
+    assert [step for step, *_ in log(micro)] == [1, 2, 3]
+    for accumulated, at_once in zip(log(micro), log(whole), strict=True):
+        assert accumulated == pytest.approx(at_once, rel=1e-5)
+    for out in (whole, micro):
+        results = json.loads((out / "results.json").read_text())
+        assert results["steps"] == 3 and results["epochs"] == round(3 * 16 / IMAGES, 3)
+    batches = [json.loads((out / "checkpoints" / "checkpoint-3" / "data_state_0.json").read_text())["batches"]
+               for out in (whole, micro)]
+    assert batches == [3, 6]
+    weights_whole, weights_micro = load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")
+    assert weights_whole.keys() == weights_micro.keys()
+    for name, tensor in weights_whole.items():
+        torch.testing.assert_close(weights_micro[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torchrun_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_run(shards, tmp_path):
+    """2 gloo processes x 2 workers on the shards, the launcher and all its processes killed (SIGKILL) after step 5
+    (checkpoint at 3: every reader inside a shuffle window), then `--resume` under torchrun: each process restarts its readers
+    from its own data_state_<rank>.json and the run ends with the weights and log of a run never interrupted."""
+    import signal
+
+    import psutil  # an accelerate dependency
+    from test_crash_safety import ENV, TIMEOUT, _log, _logged_steps, _poll
+
+    command = [*TORCHRUN, "-m", "macrl.pretrain", "--data", shards, "--config", "tiny", "--batch-size", "16",
+               "--num-workers", "2", "--logging-steps", "1", "--save-steps", "3", "--max-steps", "9",
+               "--shuffle-buffer", "20", "--no-knn", "--seed", "3"]
+
+    def launch(out: Path, *extra) -> subprocess.Popen:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "stderr.txt", "ab") as stderr:
+            return subprocess.Popen([*command, "--output-dir", str(out), *extra], env=ENV,
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def finish(process: subprocess.Popen, out: Path) -> None:
+        assert process.wait(timeout=TIMEOUT) == 0, (out / "stderr.txt").read_text()[-3000:]
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    finish(launch(reference), reference)
+    killed = launch(run)
+    assert _poll(killed, lambda: _logged_steps(run) >= 5) is not None, (run / "stderr.txt").read_text()[-3000:]
+    launcher = psutil.Process(killed.pid)
+    # torchrun starts each process in a session of its own: kill the whole tree, as a lost node would
+    processes = launcher.children(recursive=True)
+    for process in (launcher, *processes):
+        process.kill()
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    psutil.wait_procs(processes, timeout=60)
+    assert not (run / "model.safetensors").exists()
+    assert all((run / "checkpoints" / "checkpoint-3" / f"data_state_{rank}.json").is_file() for rank in (0, 1))
+    finish(launch(run, "--resume"), run)
+    assert "checkpoint-3 at step 3 of 9" in (run / "stderr.txt").read_text()
+    assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert _log(run) == _log(reference) and [step for step, _ in _log(run)] == list(range(1, 10))
+
+
+def test_resuming_a_stream_from_its_last_checkpoint_trains_no_more(shards, tmp_path):
+    """A streamed run killed after its last checkpoint (in the final evaluation or export), then `--resume`d: no step
+    beyond --max-steps (the Trainer's endless epochs of a stream trained one more), the same weights."""
+    args = ["--data", shards, "--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1",
+            "--max-steps", "3", "--save-steps", "3", "--no-knn", "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    finished = (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert main([*args, "--resume"]) == 0
+    assert [step for step, *_ in _log_losses(tmp_path / "run")] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 3
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == finished

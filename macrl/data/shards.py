@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -195,14 +196,32 @@ class WebDatasetShards:
                     continue
                 image = next((sample[ext] for ext in SHARD_IMAGE_EXTENSIONS if ext in sample), None)
                 yield StreamSample(f"{label}/{last}", url, image, _label(sample.get("cls")))
+            stream.close()  # a pipe: command's exit status is checked here
         except (tarfile.TarError, OSError, EOFError, ValueError) as error:
             where = f"after sample {last}" if last is not None else "before its first sample"
-            message = str(error.args[0]) if error.args else type(error).__name__
-            raise UnreadableShardError(
-                f"shard {url} is truncated or not a tar file ({message.split(' @ ')[0]}), {where}"
-            ) from error
+            raise UnreadableShardError(f"shard {url} {_problem(stream, error)}, {where}") from error
         finally:
-            stream.close()  # a pipe: command's exit status is checked here
+            # a second close after an error is a no-op; a reader that stops early closes a pipe: command's output,
+            # whose exit by SIGPIPE is no failure of the shard
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def _problem(stream, error: BaseException) -> str:
+    """What went wrong with a shard: its ``pipe:`` command's failure (webdataset's own message is the repr of the
+    Popen arguments), else a damaged tar."""
+    process = getattr(stream, "proc", None)  # webdataset.gopen.Pipe
+    if process is not None:
+        try:  # a failed read may come just before the command's exit
+            status = process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            status = None
+        if status:
+            return f"could not be read: its command failed (exit status {status})"
+    message = str(error.args[0]) if error.args else type(error).__name__
+    return f"is truncated or not a tar file ({message.split(' @ ')[0]})"
 
 
 def _label(raw: bytes | None) -> int | None:

@@ -209,6 +209,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
     except (UnreadableImageError, UnreadableShardError) as error:
         raise type(error)(f"{first_line(error)}; the checkpoints so far are kept in {checkpoint_dir}") from error
+    skipped = trainer.skipped_unreadable()  # before rank 0 goes its own way: every process takes part
     if not trainer.is_world_process_zero():
         return {}
     step, last = trainer.state.global_step, trainer.state.max_steps
@@ -238,10 +239,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "final_momentum": trainer.momentum_update.momentum,
         "augmentation": dataclasses.asdict(data.augmentation),
     }
-    if trainer.stream_positions is not None:
-        results["skipped_unreadable"] = trainer.stream_positions.skipped  # by this process's readers
-        if results["skipped_unreadable"]:
-            logger.info("skipped %d unreadable images or truncated shard ends", results["skipped_unreadable"])
+    if skipped is not None:
+        results["skipped_unreadable"] = skipped
+        if skipped:
+            logger.info("skipped %d unreadable images or truncated shard ends", skipped)
     if monitor is not None:
         results["knn_monitor_seconds"] = round(monitor.seconds, 2)
         results["knn_monitor_last"] = monitor.last

@@ -15,7 +15,10 @@ What MACRL adds to the stock `transformers.Trainer`, through its public hooks on
 - a streamed dataset (`StreamingTwoViewDataset`: shards, a streaming `datasets` dataset) gets a plain DataLoader of
   its own (it splits itself across processes and workers; accelerate's wrappers would make every process read
   everything), the position of every reader after the batches trained on goes into each checkpoint
-  (`DataPositionCallback`), and a resumed run starts the readers there instead of re-reading the data it skips.
+  (`DataPositionCallback`), and a resumed run starts the readers there instead of re-reading the data it skips;
+  the readers' skipped unreadable samples are summed over the processes (`skipped_unreadable`);
+- the loss is divided by the gradient accumulation steps whatever a batch holds (it is a mean, not a sum to be
+  normalised by `num_items_in_batch`).
 """
 
 from __future__ import annotations
@@ -140,6 +143,10 @@ class MACRLPretrainer(Trainer):
         own = [self.clock, self.momentum_update, *position, checkpoints, *([monitor] if monitor else []),
                LogLastStepCallback()]
         super().__init__(model, args, callbacks=[*own, *(callbacks or [])], **kwargs)
+        # The model's loss is a mean over its micro-batch, never normalised by `num_items_in_batch`; the Trainer, which
+        # takes a forward with **kwargs for one that is, would then skip dividing it by the gradient accumulation
+        # steps as soon as a batch held "labels" (a gradient that many times too large).
+        self.model_accepts_loss_kwargs = False
         self.global_batch_size = global_batch_size
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._loss_parts_count = 0
@@ -166,6 +173,22 @@ class MACRLPretrainer(Trainer):
                 f"{type(error).__name__}); a streamed run resumes only from its own checkpoints"
             ) from error
         self.train_dataset.resume_from(self.stream_positions, self.args.dataloader_num_workers)
+
+    def skipped_unreadable(self) -> int | None:
+        """The unreadable samples and truncated shard ends that the readers of every process skipped (None: not a
+        stream). A collective: every process must call it."""
+        if self.stream_positions is None:
+            return None
+        skipped = torch.tensor(self.stream_positions.skipped, device=self.args.device)
+        return int(self.accelerator.reduce(skipped, reduction="sum").item())
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        if self.stream_positions is None:
+            return values
+        # An endless stream is one Trainer epoch of max_steps steps (the stream counts its own epochs): with the
+        # stock sys.maxsize epochs, a run resumed from a checkpoint at its last step trains one step more.
+        return (1, *values[1:])
 
     def get_train_dataloader(self) -> DataLoader:
         if self.stream_positions is None:
