@@ -27,12 +27,15 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     shard's statistics and train a different model than one process with the same global batch. The parameters and
     buffers are those of `nn.BatchNorm1d`, so checkpoints are interchangeable with it.
 
-    It normalises in float32 whatever autocast made of its input: a bf16 sum over the global batch keeps 8 bits of
-    it, and the float32 running statistics take float32 updates only.
+    It normalises in its own dtype (float32 but in a model cast to half precision) whatever autocast made of its
+    input: a bf16 sum over the global batch keeps 8 bits of it, and float32 running statistics take float32 updates
+    only.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # [N, C]; a no-op in fp32 training, and [N, C] is small next to the encoder's activations
+        own = next((t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()), None)
+        # [N, C]; a no-op in fp32 training, and [N, C] is small next to the encoder's activations
+        x = x.to(own.dtype if own is not None else torch.float32)
         if not (self.training and is_distributed()):
             return super().forward(x)
         # two differentiable all-reduces: the global mean, then the global variance around it

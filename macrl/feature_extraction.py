@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import logging
+import re
 import time
 
 import torch
@@ -158,8 +159,8 @@ def inference_precision(device: str | torch.device, dtype: str) -> InferencePrec
     before (many times slower than fp32 there: the commands warn).
 
     Cast weights beat autocast, which converts the weights of every matmul again at every call
-    (benchmarks/results/extraction-speed.md); their features stay within the same cosine of fp32
-    (tests/test_bf16_quality.py), so no layer is kept in float32.
+    (benchmarks/results/extraction-speed.md). One layer is kept in float32, the encoder's final norm
+    (`_keep_float32_modules`): the features then match fp32's kNN accuracy (tests/test_bf16_quality.py).
     """
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {tuple(DTYPE_CHOICES)}, got {dtype!r}")
@@ -186,7 +187,7 @@ def prepare_for_inference(
     batch_size: int | None = None,
 ) -> nn.Module:
     """Ready `model` for encoding: on `device`, in eval mode, weights cast as `inference_precision(device, dtype)`
-    says, and with `compile`, `torch.compile`d in place (`Module.compile`: it stays a `MACRLModel`, so it also goes
+    says (but for the modules the model keeps in float32, its final norm), and with `compile`, `torch.compile`d in place (`Module.compile`: it stays a `MACRLModel`, so it also goes
     into `pipeline("image-feature-extraction", model=...)`).
 
     Like `Module.to`, this changes `model` itself and returns it; a model already compiled is not compiled again.
@@ -200,6 +201,8 @@ def prepare_for_inference(
     device = device if isinstance(device, torch.device) else resolve_device(device)
     precision = inference_precision(device, dtype)
     model = model.to(device=device, dtype=precision.weights).eval()
+    if precision.weights != torch.float32:
+        _keep_float32_modules(model)
     if not compile or is_compiled(model):
         return model
     model.compile()
@@ -211,6 +214,15 @@ def prepare_for_inference(
             model(pixel_values=torch.zeros(shape, device=device, dtype=precision.weights))
         logger.info("torch.compile: compiled for batches of %d in %.1f s", batch_size, time.perf_counter() - started)
     return model
+
+
+def _keep_float32_modules(model: nn.Module) -> None:
+    """Put back in float32 the modules a model keeps in float32 when it is loaded in half precision (its
+    `_keep_in_fp32_modules_strict`, as `from_pretrained(dtype=...)` does): `Module.to(dtype)` casts everything."""
+    patterns = [re.compile(pattern) for pattern in getattr(model, "_keep_in_fp32_modules_strict", None) or ()]
+    for name, module in model.named_modules():
+        if name and any(pattern.search(f"{name}.") for pattern in patterns):
+            module.float()
 
 
 def _pad_batch(pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:

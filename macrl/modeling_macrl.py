@@ -289,7 +289,7 @@ class MACRLDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """`latent` `[B, 1 + L_visible, D]`, `ids_restore` `[B, L]` -> predicted pixels `[B, L, p*p*C]`."""
-        x = self.decoder_embed(latent)  # [B, 1 + L_vis, Dd]
+        x = self.decoder_embed(latent.to(self.decoder_embed.weight.dtype))  # [B, 1 + L_vis, Dd]
         batch_size, num_patches = ids_restore.shape
         mask_tokens = self.mask_token.expand(batch_size, num_patches + 1 - x.shape[1], -1)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [B, L, Dd], visible first
@@ -327,6 +327,10 @@ class MACRLProjectionHead(nn.Sequential):
                     layers.append(GlobalBatchNorm1d(output_dim, affine=False))
         super().__init__(*layers)
 
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # the encoder's pooled feature is float32 in a half-precision model (its final norm stays float32)
+        return super().forward(features.to(self[0].weight.dtype))
+
 
 class MACRLPreTrainedModel(PreTrainedModel):
     config: MACRLConfig
@@ -342,6 +346,11 @@ class MACRLPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # The encoder's final LayerNorm (`norm`, not the blocks' norm1 / norm2) stays float32 when a model is loaded in
+    # bf16 / fp16, and so do the features it gives: bf16 rounding of the features alone moved a kNN evaluation by 0.2
+    # points (benchmarks/results/extraction-speed.md), for a norm that costs nothing beside the blocks. The heads cast
+    # its output to their own dtype. (`prepare_for_inference` keeps these modules float32 the same way.)
+    _keep_in_fp32_modules_strict = [r"(?:^|\.)norm\."]
     # a MACRLModel or classifier loaded from a pre-training folder leaves the pre-training heads behind, silently
     _keys_to_ignore_on_load_unexpected = [
         r"^(decoder|projector|predictor|momentum_encoder|momentum_decoder|momentum_projector)\.",
@@ -509,7 +518,9 @@ class MACRLModel(MACRLPreTrainedModel):
         cls_tokens = (self.cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls_tokens, x], dim=1)  # [N, 1 + L_keep, D]
         blocks_output = self.blocks(x, output_hidden_states, output_attentions)
-        return self.norm(blocks_output.last_hidden_state), mask, ids_restore, blocks_output
+        # in the norm's dtype: float32 in a half-precision model (`_keep_in_fp32_modules_strict`)
+        tokens = self.norm(blocks_output.last_hidden_state.to(self.norm.weight.dtype))  # [N, 1 + L_keep, D]
+        return tokens, mask, ids_restore, blocks_output
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """`[N, 1 + L, D]` -> `[N, D]` with the config's pooling (`pool_tokens`)."""
@@ -861,7 +872,7 @@ class MACRLForImageClassification(MACRLPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        logits = self.classifier(outputs.pooler_output)  # [N, num_labels]
+        logits = self.classifier(outputs.pooler_output.to(self.classifier.weight.dtype))  # [N, num_labels]
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)

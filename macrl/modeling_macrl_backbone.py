@@ -66,7 +66,8 @@ class MACRLBackbone(BackboneMixin, MACRLModel):
             if stage not in self.out_features:
                 continue
             if self.config.apply_layernorm:
-                hidden_state = self.norm(hidden_state)
+                # the model's own dtype for a dense head, though the final norm computes in float32
+                hidden_state = self.norm(hidden_state.to(self.norm.weight.dtype)).to(hidden_state.dtype)
             if self.config.reshape_hidden_states:
                 patches = hidden_state[:, 1:]  # [N, L, D], CLS dropped
                 hidden_state = patches.reshape(batch_size, height // patch_size, width // patch_size, -1)

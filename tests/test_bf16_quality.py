@@ -123,10 +123,32 @@ def test_fast_features_match_fp32_random_init(fashion_split, path):
     _assert_close_features(fp32, fast)
 
 
-def test_bf16_weights_are_cast_where_the_cpu_has_kernels(pretrained_encoder):
+def test_bf16_weights_are_cast_where_the_cpu_has_kernels_but_the_final_norm(pretrained_encoder):
     model = prepare_for_inference(copy.deepcopy(pretrained_encoder), "cpu", "bf16")
     expected = torch.bfloat16 if cpu_runs_bf16_fast() else torch.float32
-    assert {p.dtype for p in model.parameters()} | {b.dtype for b in model.buffers()} == {expected}
+    dtypes = {name: tensor.dtype for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    assert {dtypes.pop("norm.weight"), dtypes.pop("norm.bias")} == {torch.float32}
+    assert set(dtypes.values()) == {expected}
+    with torch.inference_mode():
+        output = model(torch.zeros(2, 1, 28, 28, dtype=expected))
+    assert output.pooler_output.dtype == output.last_hidden_state.dtype == torch.float32
+
+
+def test_a_model_loaded_in_bf16_keeps_its_final_norm_float32_and_its_heads_run(pretrained_encoder, tmp_path):
+    from macrl import MACRLBackbone, MACRLForImageClassification
+
+    pretrained_encoder.save_pretrained(tmp_path / "encoder")
+    pixels = torch.zeros(2, 1, 28, 28, dtype=torch.bfloat16)
+    model = MACRLModel.from_pretrained(tmp_path / "encoder", dtype=torch.bfloat16)
+    assert model.norm.weight.dtype == torch.float32 and model.blocks[0].norm1.weight.dtype == torch.bfloat16
+    assert model(pixels).pooler_output.dtype == torch.float32
+    classifier = MACRLForImageClassification.from_pretrained(tmp_path / "encoder", dtype=torch.bfloat16, num_labels=3)
+    assert classifier(pixels).logits.dtype == torch.bfloat16
+    backbone = MACRLBackbone.from_pretrained(tmp_path / "encoder", dtype=torch.bfloat16, out_indices=[1, 2])
+    assert {feature_map.dtype for feature_map in backbone(pixels).feature_maps} == {torch.bfloat16}
+    pretraining = MACRLForPreTraining.from_pretrained(tmp_path / "encoder", dtype=torch.bfloat16)
+    assert pretraining.macrl.norm.weight.dtype == torch.float32
+    assert torch.isfinite(pretraining(pixels, pixels).loss)  # the decoder and the projector take the float32 tokens
 
 
 @pytest.mark.parametrize("path", _slow_if_compiled(FAST_PATHS))
@@ -134,14 +156,10 @@ def test_fast_features_match_fp32_briefly_pretrained(pretrained_features, path):
     _assert_close_features(pretrained_features("fp32"), pretrained_features(path))
 
 
-# bf16 weights (residual stream and layer norms in bf16, not only the matmuls) moved kNN by 0.25 points on this
-# encoder, 5 net queries of 2000, at a mean cosine of 0.999996 (benchmarks/results/extraction-speed.md): past the
-# 0.2 target, kept visible here rather than loosened
-_KNN_PATHS = [
-    pytest.param(path, marks=pytest.mark.xfail(reason="kNN 0.25 points from fp32 measured", strict=False))
-    if path == "bf16" else path
-    for path in _slow_if_compiled(FAST_PATHS)
-]
+# bf16 weights throughout, the final norm included, moved kNN by 0.25 points on this encoder (5 net queries of 2000)
+# at a mean cosine of 0.999996; with that norm in float32 (`prepare_for_inference`) the move is gone
+# (benchmarks/results/extraction-speed.md)
+_KNN_PATHS = _slow_if_compiled(FAST_PATHS)
 
 
 @pytest.mark.parametrize("path", _KNN_PATHS)
@@ -221,6 +239,7 @@ def test_speed_benchmark_quick_prints_the_table(compiled):
     compiled_cases = {
         "MACRL bf16 compiled momentum fwd",
         "MACRL bf16 compiled",
+        "MACRL compiled",
         "MACRLModel fp32 compiled",
         "timm ViT fp32 compiled",
         "MACRLModel bf16 compiled",

@@ -297,3 +297,22 @@ def test_raw_pixel_floor_is_computed_once_and_reused(tmp_path, capsys):
     assert _run(*flags, "--output-dir", tmp_path / "second") == 0
     assert json.loads((tmp_path / "second" / "results.json").read_text())["raw_pixels_knn_accuracy"] == 12.5
     assert "floor):  kNN (k=20) 12.50%" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # torch.compile of a training step: a minute on 2 cores
+def test_compile_trains_like_eager(tmp_path):
+    """`--compile` (the Trainer's torch.compile of the whole model, backward included): the same losses as eager
+    within float noise, and the EMA still moves the momentum branch (it runs outside the compiled forward)."""
+    common = [*FAST, "--max-steps", "3", "--limit-images", "48", "--no-knn", "--seed", "3"]
+    assert _run(*common, "--output-dir", tmp_path / "eager") == 0
+    assert _run(*common, "--output-dir", tmp_path / "compiled", "--compile") == 0
+    eager, compiled = _loss_log(tmp_path / "eager"), _loss_log(tmp_path / "compiled")
+    assert len(compiled) == 3 and compiled == pytest.approx(eager, rel=1e-3)
+    assert json.loads((tmp_path / "compiled" / "results.json").read_text())["steps"] == 3
+    weights = load_file(tmp_path / "compiled" / "model.safetensors")
+    name = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(weights[f"momentum_encoder.{name}"], weights[f"macrl.{name}"])  # EMA: behind, not equal
+    torch.testing.assert_close(
+        weights[f"momentum_encoder.{name}"], load_file(tmp_path / "eager" / "model.safetensors")[f"momentum_encoder.{name}"],
+        rtol=1e-3, atol=1e-5,
+    )
