@@ -550,6 +550,8 @@ def benchmark_size(size_name: str, args: argparse.Namespace, device: torch.devic
     batch = args.batch_size or size.batch
     cases = {"all": PRETRAIN_CASES + EXTRACT_CASES, "pretrain": PRETRAIN_CASES, "extract": EXTRACT_CASES}[args.task]
     cases = tuple(case for case in cases if not (args.no_compile and case in COMPILED_CASES))
+    if args.cases:
+        cases = tuple(case for case in cases if case in args.cases)
     results = {case: Result(size_name, case, batch) for case in cases}
     log = (lambda message: print(f"[{size_name}] {message}", file=sys.stderr, flush=True)) if args.verbose else None
 
@@ -753,6 +755,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, usually one per core)"
     )
+    parser.add_argument(
+        "--cases",
+        type=lambda text: [case.strip() for case in text.split(",")],
+        default=None,
+        help="comma-separated case names to keep (default: every case of --task), e.g. 'MACRL bf16 autocast,MACRL bf16 "
+        "compiled'",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument(
         "--clock",
@@ -787,6 +796,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in sizes if name not in SIZES]
     if unknown:
         raise SystemExit(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
+    unknown_cases = [case for case in args.cases or () if case not in PRETRAIN_CASES + EXTRACT_CASES]
+    if unknown_cases:
+        raise SystemExit(f"unknown case(s) {', '.join(unknown_cases)}; choose from {', '.join(PRETRAIN_CASES + EXTRACT_CASES)}")
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
     if args.device == "auto":
