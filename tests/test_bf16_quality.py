@@ -134,19 +134,23 @@ def test_bf16_weights_are_cast_where_the_cpu_has_kernels_but_the_final_norm(pret
     assert output.pooler_output.dtype == output.last_hidden_state.dtype == torch.float32
 
 
-def test_a_model_loaded_in_bf16_keeps_its_final_norm_float32_and_its_heads_run(pretrained_encoder, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_model_loaded_in_half_precision_keeps_its_final_norm_float32_and_its_heads_run(
+    pretrained_encoder, tmp_path, dtype
+):
     from macrl import MACRLBackbone, MACRLForImageClassification
 
     pretrained_encoder.save_pretrained(tmp_path / "encoder")
-    pixels = torch.zeros(2, 1, 28, 28, dtype=torch.bfloat16)
-    model = MACRLModel.from_pretrained(tmp_path / "encoder", dtype=torch.bfloat16)
-    assert model.norm.weight.dtype == torch.float32 and model.blocks[0].norm1.weight.dtype == torch.bfloat16
-    assert model(pixels).pooler_output.dtype == torch.float32
-    classifier = MACRLForImageClassification.from_pretrained(tmp_path / "encoder", dtype=torch.bfloat16, num_labels=3)
-    assert classifier(pixels).logits.dtype == torch.bfloat16
-    backbone = MACRLBackbone.from_pretrained(tmp_path / "encoder", dtype=torch.bfloat16, out_indices=[1, 2])
-    assert {feature_map.dtype for feature_map in backbone(pixels).feature_maps} == {torch.bfloat16}
-    pretraining = MACRLForPreTraining.from_pretrained(tmp_path / "encoder", dtype=torch.bfloat16)
+    pixels = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(dtype)
+    model = MACRLModel.from_pretrained(tmp_path / "encoder", dtype=dtype)
+    assert model.norm.weight.dtype == torch.float32 and model.blocks[0].norm1.weight.dtype == dtype
+    output = model(pixels)
+    assert output.pooler_output.dtype == torch.float32 and torch.isfinite(output.pooler_output).all()
+    classifier = MACRLForImageClassification.from_pretrained(tmp_path / "encoder", dtype=dtype, num_labels=3)
+    assert classifier(pixels).logits.dtype == dtype
+    backbone = MACRLBackbone.from_pretrained(tmp_path / "encoder", dtype=dtype, out_indices=[1, 2])
+    assert {feature_map.dtype for feature_map in backbone(pixels).feature_maps} == {dtype}
+    pretraining = MACRLForPreTraining.from_pretrained(tmp_path / "encoder", dtype=dtype)
     assert pretraining.macrl.norm.weight.dtype == torch.float32
     assert torch.isfinite(pretraining(pixels, pixels).loss)  # the decoder and the projector take the float32 tokens
 
