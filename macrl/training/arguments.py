@@ -21,6 +21,15 @@ class PretrainingArguments:
         "`datasets` dataset or dataset name, or WebDataset tar shards ('shards/train-{000000..000999}.tar', a "
         "pipe: command, URLs), read as a stream. Default: Fashion-MNIST from Debian's dataset-fashion-mnist package.",
     )
+    eval_data: str | None = _flag(
+        None,
+        "Labelled images to evaluate on instead of --data's own test split or held-out part, opened as macrl-eval "
+        "--data opens them: a folder of class subfolders (a seeded held-out part is the test set) or a `datasets` "
+        "save_to_disk folder / dataset name with train and test splits (--image-column / --label-column apply). Its "
+        "training images are the kNN memory and probe training set, its test images the queries, for --knn-every, "
+        "the evaluation at the end and the reconstruction pictures; all of --data is trained on. What brings them to "
+        "shards and streams; unset, --data's own are used.",
+    )
     streaming: bool = _flag(
         False, "Stream the `datasets` dataset --data names (an IterableDataset) instead of reading it whole."
     )
@@ -109,7 +118,9 @@ class PretrainingArguments:
         "With the evaluation at the end, the same kNN / linear probe on the images' raw pixels, the floor an encoder "
         "has to beat (small images only; computed once per data set, kept in ~/.cache/macrl).",
     )
-    eval_images: int = _flag(10000, "At most this many held-out images for the kNN evaluation and pictures.")
+    eval_images: int = _flag(
+        10000, "At most this many held-out (or --eval-data test) images for the kNN evaluation and pictures."
+    )
     knn_every: int = _flag(
         0,
         "Every this many steps (and at the last), the kNN accuracy of the encoder on a fixed subset of the held-out "

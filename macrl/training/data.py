@@ -1,7 +1,8 @@
-"""What `macrl-pretrain` trains and evaluates on, from its `--data` argument."""
+"""What `macrl-pretrain` trains and evaluates on, from its `--data` and `--eval-data` arguments."""
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..configuration_macrl import MACRLConfig
 from ..data import (
@@ -11,6 +12,7 @@ from ..data import (
     AugmentationConfig,
     BatchedTwoViewDataset,
     DataError,
+    DataSplits,
     ImageSource,
     SubsetSource,
     TwoViewCollator,
@@ -21,6 +23,8 @@ from ..data import (
 )
 from ..data.open_data import is_stream, open_stream
 from ..data.streaming_two_view_dataset import StreamCollator, StreamingTwoViewDataset, reader_layout
+from ..errors import first_line
+from ..evaluation.labels import EvaluationDataError, check_labelled
 
 
 # Fashion-MNIST's garments are centred, upright and 28 px: milder crops than ImageNet's keep most of the garment in
@@ -31,30 +35,46 @@ FASHION_MNIST_AUGMENTATION: dict = dict(strong_crop_scale=(0.5, 1.0), weak_crop_
 
 @dataclass
 class PretrainingData:
-    """The training dataset and the held-out images of a run."""
+    """The training dataset and the images a run is evaluated on.
+
+    Without `--eval-data` the evaluation images come from `--data` (its test split or seeded held-out part, the
+    training images as the kNN memory); with it, both sides come from `--eval-data` and all of `--data` is trained on.
+    """
 
     train: TwoViewDataset | StreamingTwoViewDataset
     collator: TwoViewCollator | StreamCollator | None  # the DataLoader's collate_fn; None: the default one
-    train_source: ImageSource | None  # None for a stream (no random access)
-    eval_source: ImageSource | None  # labelled held-out images (kNN test set, reconstruction pictures)
-    eval_split: str | None  # where eval_source comes from: "test" or "held-out"
+    train_source: ImageSource | None  # the training images; None for a stream (no random access)
+    eval_source: ImageSource | None  # the kNN queries / probe test set (and the reconstruction pictures)
+    eval_split: str | None  # where eval_source comes from: "test", the named split or "held-out"
     augmentation: AugmentationConfig
-    dataset_name: str
+    dataset_name: str  # of the training data
     skipped: list[tuple[str, str]]
     num_images: int | None = None  # images per epoch; None: a stream of unknown length
+    knn_train_source: ImageSource | None = None  # the kNN memory / probe training set
+    eval_dataset_name: str | None = None  # the dataset eval_source belongs to (the model card's), if not --data's
+    eval_data: str | None = None  # --eval-data as results.json records it (a resolved path or a dataset name)
 
     @property
     def streamed(self) -> bool:
         return isinstance(self.train, StreamingTwoViewDataset)
+
+    def labelled_evaluation(self) -> tuple[ImageSource, ImageSource] | None:
+        """(kNN memory / probe training images, kNN queries / probe test images), or None where there are no
+        labelled images on both sides (a stream without `--eval-data`, an unlabelled folder): what every evaluation
+        of the run (the kNN monitor, the final kNN / linear probe, the raw-pixel floor) reads."""
+        memory, queries = self.knn_train_source, self.eval_source
+        if memory is None or queries is None or memory.labels is None or queries.labels is None:
+            return None
+        return memory, queries
 
     def probe_collator(self):
         """The collate_fn of a timing probe (which trains no model of the run: no data positions)."""
         return StreamCollator(self.collator.inner, positions=False) if self.streamed else self.collator
 
     def first_images(self, count: int) -> list:
-        """Up to `count` fixed images to draw reconstructions of: the held-out images' first, else the training
-        images' (a stream's first shard's)."""
-        if not self.streamed:
+        """Up to `count` fixed images to draw reconstructions of: the evaluation images' first (`--eval-data`'s
+        test images, else `--data`'s held-out ones), else the training images' (a stream's first shard's)."""
+        if self.eval_source is not None or not self.streamed:
             shown = self.eval_source or self.train_source
             return [shown.load_image(i) for i in range(min(count, len(shown)))]
         images = []
@@ -85,25 +105,85 @@ def build_augmentation(args, config: MACRLConfig) -> AugmentationConfig:
 def build_pretraining_data(args, config: MACRLConfig, augmentation: AugmentationConfig) -> PretrainingData:
     """Sources and the seeded two-view dataset for `config`'s image size and channels.
 
-    The kNN images are the data's test split, else (with `args.knn`) the seeded held-out split of
-    `macrl.data.splits`, at most `args.eval_images` of them, which `macrl-eval` holds out too.
+    The kNN images are `args.eval_data`'s (`open_eval_data`), else the data's test split, else (with `args.knn`)
+    the seeded held-out split of `macrl.data.splits`, at most `args.eval_images` of them, which `macrl-eval` holds
+    out too. With `args.eval_data` nothing of `--data` is held out.
 
     Raises:
-        DataError: `--data` cannot be opened, or its images cannot be augmented in batches as asked.
+        DataError: `--data` or `--eval-data` cannot be opened (or `--eval-data` has no labels), or the images cannot
+            be augmented in batches as asked.
     """
     mode = "L" if config.num_channels == 1 else "RGB"
     if is_stream(args.data, args.streaming):
-        return _build_streamed(args, config, augmentation, mode)
+        data = _build_streamed(args, config, augmentation, mode)
+    else:
+        data = _build_random_access(args, config, augmentation, mode)
+    if args.eval_data is None:
+        return data
+    memory, queries, splits = open_eval_data(args, mode)
+    return dataclasses.replace(
+        data, knn_train_source=memory, eval_source=queries, eval_split=splits.test_split,
+        eval_dataset_name=splits.dataset_type, eval_data=_recorded(args.eval_data),
+    )
+
+
+def open_eval_data(args, mode: str) -> tuple[ImageSource, ImageSource, DataSplits]:
+    """`--eval-data` opened as `macrl-eval --data` opens its data: (its training split, the kNN memory; its test
+    split or seeded held-out part, at most `args.eval_images`, the kNN queries; the `DataSplits`), in PIL `mode`.
+
+    The held-out part is `macrl-eval --seed S`'s (the same fraction and seed), so a released encoder's figure can
+    be reproduced there. The column flags apply to it when it is a `datasets` dataset.
+
+    Raises:
+        DataError: it cannot be opened or has no labels; the message starts with `--eval-data`.
+    """
+    if is_stream(args.eval_data):
+        raise DataError(
+            f"--eval-data {args.eval_data}: shards are a stream, without the random access an evaluation needs; give "
+            "a folder of class subfolders or a `datasets` dataset"
+        )
+    try:
+        splits = open_train_and_test(
+            args.eval_data, mode, holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
+            image_column=args.image_column, label_column=args.label_column, skip_unreadable=args.skip_unreadable,
+        )
+        if splits.test is None:  # nothing held out: the images have no labels to hold out by
+            check_labelled(splits.train)
+        memory, queries = splits.train, _at_most(splits.test, args.eval_images)
+        check_labelled(memory, queries)
+    except DataError as error:  # its message starts with the data's name
+        raise DataError(f"--eval-data {first_line(error)}") from error
+    except EvaluationDataError as error:
+        raise DataError(f"--eval-data {args.eval_data}: {first_line(error)}") from error
+    return memory, queries, splits
+
+
+def _recorded(data: str) -> str:
+    """A local `--eval-data` as an absolute path (results.json is read from elsewhere); a dataset name as given."""
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else data
+
+
+def _at_most(source: ImageSource | None, count: int) -> ImageSource | None:
+    """The first `count` images of `source`: a test split capped as it always was (the held-out split is capped by
+    `holdout_split` itself)."""
+    if source is None or len(source) <= count:
+        return source
+    return SubsetSource(source, range(count), source.name)
+
+
+def _build_random_access(args, config: MACRLConfig, augmentation: AugmentationConfig, mode: str) -> PretrainingData:
+    """`build_pretraining_data` for data read with random access: a folder, a dataset, Fashion-MNIST."""
+    own_eval = args.eval_data is None  # with --eval-data, all of --data is trained on
     splits = open_train_and_test(
         args.data, mode, holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
-        hold_out=args.knn, image_column=args.image_column, label_column=args.label_column,
+        hold_out=args.knn and own_eval, image_column=args.image_column, label_column=args.label_column,
         skip_unreadable=args.skip_unreadable,
     )
-    train_source, eval_source = splits.train, splits.test
+    train_source, eval_source = splits.train, splits.test if own_eval else None
     if args.limit_images is not None:
         train_source = SubsetSource(train_source, range(min(args.limit_images, len(train_source))), train_source.name)
-    if eval_source is not None and len(eval_source) > args.eval_images:
-        eval_source = SubsetSource(eval_source, range(args.eval_images), eval_source.name)
+    eval_source = _at_most(eval_source, args.eval_images)
     batched = augmentation.batched
     if batched is None:
         batched = train_source.image_size is not None
@@ -115,8 +195,8 @@ def build_pretraining_data(args, config: MACRLConfig, augmentation: Augmentation
     augmentation = dataclasses.replace(augmentation, batched=batched)  # results.json records what ran
     train, collator = _two_views(train_source, augmentation, config, args.seed)
     return PretrainingData(
-        train, collator, train_source, eval_source, splits.test_split, augmentation, splits.dataset_type,
-        splits.skipped, len(train),
+        train, collator, train_source, eval_source, splits.test_split if own_eval else None, augmentation,
+        splits.dataset_type, splits.skipped, len(train), knn_train_source=train_source,
     )
 
 

@@ -1,4 +1,4 @@
-"""What a pre-training run reports of its encoder at the end: kNN and linear probe on the held-out images, beside
+"""What a pre-training run reports of its encoder at the end: kNN and linear probe on the evaluation images, beside
 the raw-pixel floor of the same images (what the encoder has to beat to be worth more than the data it saw)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from ..atomic_files import atomic_path
 from ..data import ImageSource
 from ..evaluation.frozen_features import RAW_PIXELS_MAX_VALUES, evaluate_encoder, evaluate_raw_pixels
+from ..evaluation.labels import EvaluationDataError
 from ..image_processing_macrl import MACRLImageProcessor
 from .data import PretrainingData
 
@@ -27,14 +28,16 @@ def final_evaluation(
     linear_probe: bool, floor: bool, seed: int,
 ) -> dict | None:
     """Weighted kNN (k=20, T=0.07) and, with `linear_probe`, the linear probe of `macrl-eval` on the config's pooled
-    features (training images as memory / probe training set, the held-out images as queries / test set), and with
+    features (`data.labelled_evaluation()`: the kNN memory / probe training set, and the queries / test set), and with
     `floor` the same on raw pixels (`raw_pixel_floor`) where the images are small enough; None without labelled
-    held-out images. Accuracies in percent."""
-    if data.eval_source is None or data.train_source.labels is None or data.eval_source.labels is None:
+    images on both sides. Accuracies in percent."""
+    sources = data.labelled_evaluation()
+    if sources is None:
         return None
+    memory, queries = sources
     pooling = encoder.config.pooling
     results = evaluate_encoder(
-        encoder, processor, data.train_source, data.eval_source,
+        encoder, processor, memory, queries,
         linear_probe=linear_probe, pools=(pooling,), batch_size=256, device=device, seed=seed,
     )
     evaluation = {
@@ -44,14 +47,28 @@ def final_evaluation(
     }
     if linear_probe:
         evaluation["linear_probe_accuracy"] = round(results[f"linear_probe_accuracy_{pooling}"], 2)
-    size = data.train_source.image_size
     channels = 1 if data.augmentation.num_channels == 1 else 3
-    if floor and size is not None and size[0] * size[1] * channels <= RAW_PIXELS_MAX_VALUES:
-        pixels = raw_pixel_floor(data.train_source, data.eval_source, linear_probe=linear_probe, seed=seed)
-        evaluation["raw_pixels_knn_accuracy"] = round(pixels["knn_accuracy_pixels"], 2)
-        if linear_probe:
-            evaluation["raw_pixels_linear_probe_accuracy"] = round(pixels["linear_probe_accuracy_pixels"], 2)
+    if floor and _small_enough(memory, queries, channels):
+        try:
+            pixels = raw_pixel_floor(memory, queries, linear_probe=linear_probe, seed=seed)
+        except EvaluationDataError as error:  # images of several sizes: no pixel vectors to compare
+            logger.info("no raw-pixel floor: %s", error)
+        else:
+            evaluation["raw_pixels_knn_accuracy"] = round(pixels["knn_accuracy_pixels"], 2)
+            if linear_probe:
+                evaluation["raw_pixels_linear_probe_accuracy"] = round(pixels["linear_probe_accuracy_pixels"], 2)
     return evaluation
+
+
+def _small_enough(memory: ImageSource, queries: ImageSource, channels: int) -> bool:
+    """Whether both sides of the floor look like images of one size of at most `RAW_PIXELS_MAX_VALUES` values, by
+    their `image_size`, else (a folder or dataset, decoded image by image) their first image's: the floor compares
+    pixel vectors, so the kNN memory and the queries must share it (`evaluate_raw_pixels` checks every image)."""
+    sizes = {source.image_size or source.load_image(0).size[::-1] for source in (memory, queries)}
+    if len(sizes) != 1:
+        return False
+    height, width = sizes.pop()
+    return height * width * channels <= RAW_PIXELS_MAX_VALUES
 
 
 def _cache_dir() -> Path:

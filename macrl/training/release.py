@@ -22,6 +22,7 @@ class EncoderRelease:
     dataset_name: str
     evaluation_split: str | None  # where the kNN images come from: "test", "held-out"
     facts: dict  # what the model card says about the training run
+    evaluation_dataset: str | None = None  # what the accuracies are measured on (--eval-data); None: dataset_name
     repo_id: str | None = None  # the Hub repo to push to
     private: bool = False  # create that repo as private
     owns_card: bool | None = None  # set by the first push
@@ -33,7 +34,7 @@ class EncoderRelease:
         card_evaluation = None
         if evaluation:
             card_evaluation = {
-                "dataset_type": self.dataset_name,
+                "dataset_type": self.evaluation_dataset or self.dataset_name,
                 "split": self.evaluation_split,
                 "metrics": {
                     metric: evaluation[metric] / 100

@@ -91,6 +91,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         raise PretrainingError(f"--report-to: {error}") from error
     if args.fp16 and args.bf16:
         raise PretrainingError("--fp16 and --bf16 ask for two precisions; choose one")
+    if args.eval_data is not None and not args.knn and args.knn_every <= 0:
+        raise PretrainingError(
+            "--eval-data with --no-knn and no --knn-every: nothing would be evaluated on it; drop one of them"
+        )
     device = resolve_device(args.device)
     # unset, the data-loading workers are the device's default (`--num-workers`), the same for the probe and the run
     args = dataclasses.replace(args, num_workers=num_workers(args, device))
@@ -158,6 +162,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         ),
         dataset_name=data.dataset_name,
         evaluation_split=data.eval_split,
+        evaluation_dataset=data.eval_dataset_name,
         facts={
             "dataset": data.dataset_name,
             "num_images": data.num_images,
@@ -179,11 +184,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(output_dir / "logs" / "tensorboard"))))
     monitor = None
     if args.knn_every > 0:
-        if data.eval_source is None or data.eval_source.labels is None or data.train_source.labels is None:
-            logger.warning("--knn-every: the data has no labelled held-out images; the kNN monitor is off")
+        if (sources := data.labelled_evaluation()) is None:
+            logger.warning("--knn-every: the data has no labelled held-out images (see --eval-data); the kNN monitor "
+                           "is off")
         else:
             monitor = KnnMonitor(
-                release.processor, data.train_source, data.eval_source,
+                release.processor, *sources,
                 every=args.knn_every, images=args.knn_monitor_images, seed=args.seed, device=device,
             )
     if args.push_to_hub and args.push_checkpoints:
@@ -254,13 +260,15 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         )
     if evaluation:
         results.update(evaluation)
+    if data.eval_data is not None:  # what the kNN figures are measured on, when it is not --data
+        results.update(eval_data=data.eval_data, eval_split=data.eval_split)
 
     pictures = output_dir / "pictures"
     pictures.mkdir(parents=True, exist_ok=True)
     log_path = output_dir / "logs" / "train_log.jsonl"
     if log_path.exists():
         plot_loss_curves(log_path, pictures / "loss_curves.png")
-    # fixed held-out images, so the pictures of two runs are comparable
+    # fixed evaluation images, so the pictures of two runs are comparable
     transform = build_eval_transform(data.augmentation)
     samples = torch.stack([transform(image) for image in data.first_images(8)])
     mean, std = list(data.augmentation.mean), list(data.augmentation.std)
