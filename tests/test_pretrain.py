@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
+from image_folders import write_class_folders
 from macrl.data import load_fashion_mnist
 from macrl.pretrain import build_parser, main
 from macrl.presets import load_config
@@ -26,13 +27,7 @@ FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--loggi
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """64 Fashion-MNIST test images as PNG files in class subfolders, like a user's own data."""
-    root = tmp_path_factory.mktemp("fashion_png")
-    images, labels = load_fashion_mnist("test")
-    for index in range(64):
-        folder = root / f"class_{int(labels[index])}"
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(images[index].numpy()).save(folder / f"{index:03d}.png")
-    return root
+    return write_class_folders(tmp_path_factory.mktemp("fashion_png"), 64)
 
 
 def _run(*argv) -> int:
