@@ -145,7 +145,7 @@ def test_empty_folder_and_corrupt_images(tmp_path, capsys, image_folder):
     broken = tmp_path / "broken"
     shutil.copytree(image_folder, broken)
     bad = broken / "class_0" / "zz_truncated.png"
-    bad.write_bytes((broken / "class_0" / "019.png").read_bytes()[:40])
+    bad.write_bytes((broken / "class_0" / "00019.png").read_bytes()[:40])
     args = [*FAST, "--data", broken, "--max-steps", "4", "--no-knn", "--limit-images", "64"]
     assert _run(*args, "--output-dir", tmp_path / "b") == 1  # a failure while working, as in macrl-extract
     err = capsys.readouterr().err
