@@ -1,4 +1,4 @@
-"""Real Fashion-MNIST images as PNG files in class subfolders, like a user's own labelled data (`write_class_folders`)."""
+"""Real Fashion-MNIST images as PNG files in class subfolders, like a user's own labelled data."""
 
 from __future__ import annotations
 
