@@ -77,7 +77,11 @@ def test_random_access_data_is_trained_on_whole_and_evaluated_on_eval_data(eval_
     memory, queries = data.labelled_evaluation()
     assert (len(memory), len(queries)) == (92, 8)  # the held-out tenth (10), capped by --eval-images
     assert {memory.load_image(0).mode, queries.load_image(0).mode} == {"L"}  # converted to the model's mode
-    assert data.first_images(3)[0].tobytes() == queries.load_image(0).tobytes()
+    assert data.picture_images(3)[0].tobytes() == queries.load_image(0).tobytes()
+    # the pictures spread over the eval images, whose folder lists them class by class: not all of one class
+    pictured = data.picture_images(4)
+    assert len(pictured) == 4 and pictured[1].tobytes() == queries.load_image(2).tobytes()
+    assert len({queries.labels[i] for i in (0, 2, 4, 6)}) > 1
 
     # the default Fashion-MNIST as --data: all 60,000 training images are trained on, none is the kNN memory
     args = PretrainingArguments(eval_data=str(eval_folder))

@@ -71,12 +71,15 @@ class PretrainingData:
         """The collate_fn of a timing probe (which trains no model of the run: no data positions)."""
         return StreamCollator(self.collator.inner, positions=False) if self.streamed else self.collator
 
-    def first_images(self, count: int) -> list:
-        """Up to `count` fixed images to draw reconstructions of: the evaluation images' first (`--eval-data`'s
-        test images, else `--data`'s held-out ones), else the training images' (a stream's first shard's)."""
+    def picture_images(self, count: int) -> list:
+        """Up to `count` fixed images to draw reconstructions of: the evaluation images (`--eval-data`'s test
+        images, else `--data`'s held-out ones), else the training images, spread evenly over them from the first
+        (a folder lists its images class by class, so its first few are often all of one class); a stream's are its
+        first shard's first images."""
         if self.eval_source is not None or not self.streamed:
             shown = self.eval_source or self.train_source
-            return [shown.load_image(i) for i in range(min(count, len(shown)))]
+            count = min(count, len(shown))
+            return [shown.load_image(i * len(shown) // count) for i in range(count)]
         images = []
         for sample in self.train.stream.samples(0):
             try:

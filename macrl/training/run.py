@@ -270,7 +270,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         plot_loss_curves(log_path, pictures / "loss_curves.png")
     # fixed evaluation images, so the pictures of two runs are comparable
     transform = build_eval_transform(data.augmentation)
-    samples = torch.stack([transform(image) for image in data.first_images(8)])
+    samples = torch.stack([transform(image) for image in data.picture_images(8)])
     mean, std = list(data.augmentation.mean), list(data.augmentation.std)
     reconstruction_grid(model.cpu(), samples, mean, std, pictures / "reconstructions.png", seed=args.seed)
 
