@@ -60,9 +60,9 @@ def run(args: PretrainingArguments) -> dict:
     if results:
         output_dir = Path(args.output_dir)
         if "knn_accuracy" in results:
-            images = f"{results['knn_test_images']} held-out images"
+            images = f"{results['knn_test_images']} {results['eval_split']} images"  # "10000 test images"
             if "eval_data" in results:
-                images = f"{results['knn_test_images']} {results['eval_split']} images of {results['eval_data']}"
+                images += f" of {results['eval_data']}"
             print(f"the encoder on {images}: {_accuracies(results)}")
             if "raw_pixels_knn_accuracy" in results:
                 print(f"the same on their raw pixels (the floor):  {_accuracies(results, 'raw_pixels_')}")

@@ -40,9 +40,10 @@ def test_smoke_default_data_writes_every_output(tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 4 and 0 <= results["knn_accuracy"] <= 100
+    assert results["eval_split"] == "test" and "eval_data" not in results  # Fashion-MNIST's own test split
     assert 0 <= results["linear_probe_accuracy"] <= 100
     assert (
-        f"the encoder on 40 held-out images: kNN (k=20) {results['knn_accuracy']:.2f}%, "
+        f"the encoder on 40 test images: kNN (k=20) {results['knn_accuracy']:.2f}%, "
         f"linear probe {results['linear_probe_accuracy']:.2f}%" in printed
     )
     assert (

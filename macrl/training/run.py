@@ -258,10 +258,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             model.macrl, release.processor, data, device,
             linear_probe=args.linear_probe, floor=args.raw_pixel_floor, seed=args.seed,
         )
-    if evaluation:
-        results.update(evaluation)
-    if data.eval_data is not None:  # what the kNN figures are measured on, when it is not --data
-        results.update(eval_data=data.eval_data, eval_split=data.eval_split)
+    if evaluation:  # and what it is measured on: a split of --data, or of --eval-data
+        results.update(evaluation, eval_split=data.eval_split)
+        if data.eval_data is not None:
+            results["eval_data"] = data.eval_data
 
     pictures = output_dir / "pictures"
     pictures.mkdir(parents=True, exist_ok=True)
