@@ -66,6 +66,8 @@ def run(args: PretrainingArguments) -> dict:
             print(f"the encoder on {images}: {_accuracies(results)}")
             if "raw_pixels_knn_accuracy" in results:
                 print(f"the same on their raw pixels (the floor):  {_accuracies(results, 'raw_pixels_')}")
+        elif args.knn:
+            print("no kNN evaluation: the data has no labelled held-out images (--eval-data names some)")
         print(f"encoder (MACRLModel + image processor + model card): {output_dir / 'encoder'}")
         print(f"pictures: {output_dir / 'pictures'}   log: {output_dir / 'logs' / 'train_log.jsonl'}")
         print(f"results: {output_dir / 'results.json'}   checkpoints: {output_dir / 'checkpoints'}")

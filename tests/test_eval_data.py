@@ -98,21 +98,23 @@ def test_random_access_data_is_trained_on_whole_and_evaluated_on_eval_data(eval_
     assert "type: rgb-eval" in card.split("model-index:")[1] and "| Training images | 64 |" in card
 
 
-@pytest.mark.parametrize("problem", ["missing", "unlabelled", "shards", "no-knn"])
+@pytest.mark.parametrize("problem", ["missing", "unlabelled", "shards", "no-knn", "folder-split"])
 def test_bad_eval_data_is_one_line_before_training(problem, shards, eval_folder, tmp_path, capsys):
     eval_data, extra = {
         "missing": (tmp_path / "no-such-folder", []),
         "unlabelled": (write_class_folders(tmp_path / "flat", 20, labelled=False), []),
         "shards": (shards, []),
         "no-knn": (eval_folder, ["--no-knn"]),
+        "folder-split": (eval_folder, ["--eval-split", "validation"]),
     }[problem]
     out = tmp_path / "run"
     assert _run(*FAST, "--data", shards, "--eval-data", eval_data, "--max-steps", "2", *extra,
                 "--output-dir", out) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("macrl-pretrain: error: --eval-data"), err
+    flag = "--eval-split" if problem == "folder-split" else "--eval-data"
+    assert "\n" not in err and err.startswith(f"macrl-pretrain: error: {flag}"), err
     expected = {"missing": "folder not found", "unlabelled": "have no labels", "shards": "without the random access",
-                "no-knn": "with --no-knn and no --knn-every"}[problem]
+                "no-knn": "with --no-knn and no --knn-every", "folder-split": "is a folder, which has no splits"}[problem]
     assert expected in err
     assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
 
@@ -127,3 +129,40 @@ def test_resume_reopens_the_eval_data(shards, eval_folder, tmp_path):
     resumed = _results(tmp_path / "run")
     assert resumed["steps"] == 3 and resumed["knn_test_images"] == 10
     assert resumed["knn_accuracy"] == first["knn_accuracy"]  # the same weights on the same images
+
+
+def test_eval_split_names_the_labelled_split_of_a_dataset(shards, tmp_path, capsys):
+    """A `datasets` --eval-data whose test split is unlabelled (ImageNet's: label -1) is evaluated on the split
+    --eval-split names; without it the unlabelled test split is refused in one line."""
+    import datasets  # the [test] extra installs it
+    from macrl.data.fashion_mnist import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+
+    def split(start: int, count: int, labelled: bool = True):
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(images[i].numpy()) for i in range(start, start + count)],
+             "label": labels[start:start + count].tolist() if labelled else [-1] * count},
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
+        )
+
+    saved = tmp_path / "fmnist-dict"
+    datasets.DatasetDict(
+        {"train": split(0, 60), "validation": split(60, 20), "test": split(80, 20, labelled=False)}
+    ).save_to_disk(saved)
+    capsys.readouterr()  # the saving's progress bars
+    common = [*FAST, "--data", shards, "--eval-data", saved, "--max-steps", "1", "--no-linear-probe"]
+    assert _run(*common, "--output-dir", tmp_path / "refused") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("macrl-pretrain: error: --eval-data"), err
+    assert "[test]) have no labels" in err  # all -1: `datasets`' missing label
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+
+    assert _run(*common, "--eval-split", "validation", "--output-dir", tmp_path / "run") == 0
+    results = _results(tmp_path / "run")
+    assert (results["knn_train_images"], results["knn_test_images"]) == (60, 20)
+    assert results["eval_split"] == "validation" and results["eval_data"] == str(saved.resolve())
+
+    assert _run(*FAST, "--data", shards, "--eval-split", "validation", "--max-steps", "1",
+                "--output-dir", tmp_path / "alone") == 2
+    assert "--eval-split names a split of --eval-data" in capsys.readouterr().err

@@ -338,6 +338,48 @@ def test_cli_unlabelled_folder_exits_2_with_one_line(model_folder, tmp_path):
     assert completed.stdout == ""
 
 
+def _saved_dataset(folder: Path, test_labels: list[int]) -> Path:
+    """A `datasets` DatasetDict of Fashion-MNIST images: train (20, labelled), validation (10, labelled) and test
+    with `test_labels` (-1: `datasets`' missing label, as in ImageNet's test split)."""
+    import datasets  # the [test] extra installs it
+
+    images, labels = load_fashion_mnist("test")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+
+    def split(start: int, split_labels: list[int]):
+        rows = range(start, start + len(split_labels))
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(images[i].numpy()) for i in rows], "label": split_labels}, features=features
+        )
+
+    datasets.DatasetDict({
+        "train": split(0, labels[:20].tolist()),
+        "validation": split(20, labels[20:30].tolist()),
+        "test": split(30, test_labels),
+    }).save_to_disk(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "test_labels, message",
+    [([-1] * 10, "[test]) have no labels"), ([3, -1, 4, 1, 5, 9, 2, 6, 5, 3], "have label -1 (an unlabelled row)")],
+)
+def test_cli_unlabelled_test_split_is_one_line_and_test_split_names_another(
+    model_folder, tmp_path, capsys, test_labels, message
+):
+    """A test split labelled -1 (wholly or in part) was evaluated and crashed in the kNN; now it is named before any
+    feature is extracted, and `--test-split` evaluates on a labelled one."""
+    data = _saved_dataset(tmp_path / "saved", test_labels)
+    capsys.readouterr()  # the saving's progress bars
+    assert main(["--model", str(model_folder), "--data", str(data), "--device", "cpu", "--no-linear-probe"]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    output = tmp_path / "results.json"
+    assert main(["--model", str(model_folder), "--data", str(data), "--device", "cpu", "--no-linear-probe",
+                 "--test-split", "validation", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert (results["split"], results["test_images"]) == ("validation", 10)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -229,7 +229,7 @@ def test_push_keeps_a_card_the_repo_already_had(tmp_path, hub_server):
     ).read_bytes()
 
 
-def test_datasets_dataset_as_data(tmp_path):
+def test_datasets_dataset_as_data(tmp_path, capsys):
     import datasets  # the [test] extra installs it
     images, labels = load_fashion_mnist("test")
     split = lambda start: datasets.Dataset.from_dict(  # noqa: E731
@@ -242,6 +242,16 @@ def test_datasets_dataset_as_data(tmp_path):
     assert _run(*FAST, "--data", tmp_path / "fmnist_ds", "--output-dir", out, "--max-steps", "2") == 0
     results = json.loads((out / "results.json").read_text())
     assert results["knn_train_images"] == 40 and results["knn_test_images"] == 40
+
+    # a test split labelled -1 (`datasets`' missing label, ImageNet's test split) is no labelled test set: the run
+    # trains and says there is no kNN evaluation (it crashed in the kNN at the end)
+    unlabelled = split(40).map(lambda row: {"label": -1})
+    datasets.DatasetDict({"train": split(0), "test": unlabelled}).save_to_disk(tmp_path / "unlabelled_ds")
+    capsys.readouterr()
+    out = tmp_path / "unlabelled-run"
+    assert _run(*FAST, "--data", tmp_path / "unlabelled_ds", "--output-dir", out, "--max-steps", "1") == 0
+    assert "knn_accuracy" not in json.loads((out / "results.json").read_text())
+    assert "no kNN evaluation: the data has no labelled held-out images" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,9 @@ class HFDatasetSource:
                     f"indices (feature {label_feature}); cast it with "
                     "dataset.class_encode_column(...) first"
                 )
-            self.labels = labels
+            # -1 is how `datasets` writes a missing ClassLabel: a split labelled -1 throughout (ImageNet's test
+            # split) has no labels, as one without the column
+            self.labels = None if labels and all(label == -1 for label in labels) else labels
 
         # Keep only the image column so that indexing decodes nothing else.
         self._images = loaded.select_columns([image_column])

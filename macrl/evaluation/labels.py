@@ -19,10 +19,15 @@ def check_labelled(*sources: ImageSource, num_classes: int | None = None) -> Non
         if source.labels is None:
             raise EvaluationDataError(
                 f"the {role} images ({source.name}) have no labels; evaluation needs labels: put the images in one "
-                "subfolder per class (DATA/<class>/<image>), or name the label column"
+                "subfolder per class (DATA/<class>/<image>), name the label column, or name a labelled split"
             )
         if len(source) == 0:
             raise EvaluationDataError(f"the {role} images ({source.name}) are empty")
+        if (lowest := min(source.labels)) < 0:  # -1: a row `datasets` marks as unlabelled
+            raise EvaluationDataError(
+                f"the {role} images ({source.name}) have label {lowest} (an unlabelled row); evaluation needs every "
+                "image labelled"
+            )
         if num_classes is not None:
             bad = [label for label in source.labels if not 0 <= label < num_classes]
             if bad:

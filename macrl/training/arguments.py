@@ -30,6 +30,11 @@ class PretrainingArguments:
         "the evaluation at the end and the reconstruction pictures; all of --data is trained on. What brings them to "
         "shards and streams; unset, --data's own are used.",
     )
+    eval_split: str | None = _flag(
+        None,
+        "The split of a `datasets` --eval-data to evaluate on, e.g. validation where the test split has no labels "
+        "(ImageNet's). Default: test, else a seeded held-out part of train.",
+    )
     streaming: bool = _flag(
         False, "Stream the `datasets` dataset --data names (an IterableDataset) instead of reading it whole."
     )

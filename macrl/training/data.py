@@ -135,7 +135,8 @@ def open_eval_data(args, mode: str) -> tuple[ImageSource, ImageSource, DataSplit
     split or seeded held-out part, at most `args.eval_images`, the kNN queries; the `DataSplits`), in PIL `mode`.
 
     The held-out part is `macrl-eval --seed S`'s (the same fraction and seed), so a released encoder's figure can
-    be reproduced there. The column flags apply to it when it is a `datasets` dataset.
+    be reproduced there. The column flags and `args.eval_split` (`macrl-eval --test-split`) apply to it when it is a
+    `datasets` dataset.
 
     Raises:
         DataError: it cannot be opened or has no labels; the message starts with `--eval-data`.
@@ -147,7 +148,8 @@ def open_eval_data(args, mode: str) -> tuple[ImageSource, ImageSource, DataSplit
         )
     try:
         splits = open_train_and_test(
-            args.eval_data, mode, holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
+            args.eval_data, mode, test_split=args.eval_split,
+            holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
             image_column=args.image_column, label_column=args.label_column, skip_unreadable=args.skip_unreadable,
         )
         if splits.test is None:  # nothing held out: the images have no labels to hold out by
@@ -158,6 +160,11 @@ def open_eval_data(args, mode: str) -> tuple[ImageSource, ImageSource, DataSplit
         raise DataError(f"--eval-data {first_line(error)}") from error
     except EvaluationDataError as error:
         raise DataError(f"--eval-data {args.eval_data}: {first_line(error)}") from error
+    if args.eval_split is not None and splits.test_split != args.eval_split:  # a folder: no splits to name
+        raise DataError(
+            f"--eval-split {args.eval_split}: --eval-data {args.eval_data} is a folder, which has no splits (its "
+            "seeded held-out part is the test set); drop --eval-split"
+        )
     return memory, queries, splits
 
 

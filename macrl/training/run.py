@@ -95,6 +95,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         raise PretrainingError(
             "--eval-data with --no-knn and no --knn-every: nothing would be evaluated on it; drop one of them"
         )
+    if args.eval_split is not None and args.eval_data is None:
+        raise PretrainingError("--eval-split names a split of --eval-data, and there is no --eval-data")
     device = resolve_device(args.device)
     # unset, the data-loading workers are the device's default (`--num-workers`), the same for the probe and the run
     args = dataclasses.replace(args, num_workers=num_workers(args, device))
