@@ -18,6 +18,7 @@ from macrl.presets import load_config
 from macrl.pretrain import main
 from macrl.training.arguments import PretrainingArguments
 from macrl.training.data import build_augmentation, build_pretraining_data
+from saved_datasets import write_dataset_dict
 from shard_files import write_shards
 
 FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1"]
@@ -134,22 +135,7 @@ def test_resume_reopens_the_eval_data(shards, eval_folder, tmp_path):
 def test_eval_split_names_the_labelled_split_of_a_dataset(shards, tmp_path, capsys):
     """A `datasets` --eval-data whose test split is unlabelled (ImageNet's: label -1) is evaluated on the split
     --eval-split names; without it the unlabelled test split is refused in one line."""
-    import datasets  # the [test] extra installs it
-    from macrl.data.fashion_mnist import load_fashion_mnist
-
-    images, labels = load_fashion_mnist("test")
-
-    def split(start: int, count: int, labelled: bool = True):
-        return datasets.Dataset.from_dict(
-            {"image": [Image.fromarray(images[i].numpy()) for i in range(start, start + count)],
-             "label": labels[start:start + count].tolist() if labelled else [-1] * count},
-            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
-        )
-
-    saved = tmp_path / "fmnist-dict"
-    datasets.DatasetDict(
-        {"train": split(0, 60), "validation": split(60, 20), "test": split(80, 20, labelled=False)}
-    ).save_to_disk(saved)
+    saved = write_dataset_dict(tmp_path / "fmnist-dict", {"train": 60, "validation": 20, "test": [-1] * 20})
     capsys.readouterr()  # the saving's progress bars
     common = [*FAST, "--data", shards, "--eval-data", saved, "--max-steps", "1", "--no-linear-probe"]
     assert _run(*common, "--output-dir", tmp_path / "refused") == 2

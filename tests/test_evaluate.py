@@ -15,6 +15,7 @@ import torch
 from conftest import TINY
 from huggingface_hub import ModelCard
 from PIL import Image
+from saved_datasets import write_dataset_dict
 
 from macrl import MACRLConfig, MACRLForImageClassification, MACRLImageProcessor, MACRLModel
 from macrl.data import FashionMNISTSource, SubsetSource, holdout_split, limit_source, load_fashion_mnist
@@ -338,28 +339,6 @@ def test_cli_unlabelled_folder_exits_2_with_one_line(model_folder, tmp_path):
     assert completed.stdout == ""
 
 
-def _saved_dataset(folder: Path, test_labels: list[int]) -> Path:
-    """A `datasets` DatasetDict of Fashion-MNIST images: train (20, labelled), validation (10, labelled) and test
-    with `test_labels` (-1: `datasets`' missing label, as in ImageNet's test split)."""
-    import datasets  # the [test] extra installs it
-
-    images, labels = load_fashion_mnist("test")
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-
-    def split(start: int, split_labels: list[int]):
-        rows = range(start, start + len(split_labels))
-        return datasets.Dataset.from_dict(
-            {"image": [Image.fromarray(images[i].numpy()) for i in rows], "label": split_labels}, features=features
-        )
-
-    datasets.DatasetDict({
-        "train": split(0, labels[:20].tolist()),
-        "validation": split(20, labels[20:30].tolist()),
-        "test": split(30, test_labels),
-    }).save_to_disk(folder)
-    return folder
-
-
 @pytest.mark.parametrize(
     "test_labels, message",
     [([-1] * 10, "[test]) have no labels"), ([3, -1, 4, 1, 5, 9, 2, 6, 5, 3], "have label -1 (an unlabelled row)")],
@@ -369,7 +348,7 @@ def test_cli_unlabelled_test_split_is_one_line_and_test_split_names_another(
 ):
     """A test split labelled -1 (wholly or in part) was evaluated and crashed in the kNN; now it is named before any
     feature is extracted, and `--test-split` evaluates on a labelled one."""
-    data = _saved_dataset(tmp_path / "saved", test_labels)
+    data = write_dataset_dict(tmp_path / "saved", {"train": 20, "validation": 10, "test": test_labels})
     capsys.readouterr()  # the saving's progress bars
     assert main(["--model", str(model_folder), "--data", str(data), "--device", "cpu", "--no-linear-probe"]) == 2
     assert message in _one_error_line(capsys.readouterr().err)

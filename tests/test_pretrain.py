@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
 from image_folders import write_class_folders
-from macrl.data import load_fashion_mnist
 from macrl.pretrain import build_parser, main
 from macrl.presets import load_config
 from macrl.training.budget import steady_step_seconds
 from macrl.training.trainer import build_training_arguments
+from saved_datasets import write_dataset_dict
 
 # a few seconds per run: the tiny preset on a few dozen Fashion-MNIST images
 FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--eval-images", "40"]
@@ -230,26 +230,18 @@ def test_push_keeps_a_card_the_repo_already_had(tmp_path, hub_server):
 
 
 def test_datasets_dataset_as_data(tmp_path, capsys):
-    import datasets  # the [test] extra installs it
-    images, labels = load_fashion_mnist("test")
-    split = lambda start: datasets.Dataset.from_dict(  # noqa: E731
-        {"image": [Image.fromarray(images[i].numpy()) for i in range(start, start + 40)],
-         "label": labels[start:start + 40].tolist()},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
-    )
-    datasets.DatasetDict({"train": split(0), "test": split(40)}).save_to_disk(tmp_path / "fmnist_ds")
+    data = write_dataset_dict(tmp_path / "fmnist_ds", {"train": 40, "test": 40})
     out = tmp_path / "run"
-    assert _run(*FAST, "--data", tmp_path / "fmnist_ds", "--output-dir", out, "--max-steps", "2") == 0
+    assert _run(*FAST, "--data", data, "--output-dir", out, "--max-steps", "2") == 0
     results = json.loads((out / "results.json").read_text())
     assert results["knn_train_images"] == 40 and results["knn_test_images"] == 40
 
     # a test split labelled -1 (`datasets`' missing label, ImageNet's test split) is no labelled test set: the run
     # trains and says there is no kNN evaluation (it crashed in the kNN at the end)
-    unlabelled = split(40).map(lambda row: {"label": -1})
-    datasets.DatasetDict({"train": split(0), "test": unlabelled}).save_to_disk(tmp_path / "unlabelled_ds")
+    data = write_dataset_dict(tmp_path / "unlabelled_ds", {"train": 40, "test": [-1] * 40})
     capsys.readouterr()
     out = tmp_path / "unlabelled-run"
-    assert _run(*FAST, "--data", tmp_path / "unlabelled_ds", "--output-dir", out, "--max-steps", "1") == 0
+    assert _run(*FAST, "--data", data, "--output-dir", out, "--max-steps", "1") == 0
     assert "knn_accuracy" not in json.loads((out / "results.json").read_text())
     assert "no kNN evaluation: the data has no labelled held-out images" in capsys.readouterr().out
 
