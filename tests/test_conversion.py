@@ -494,13 +494,15 @@ def test_timm_reverse_from_bare_weights_and_incompatible_models(tmp_path):
 
 
 @pytest.mark.parametrize("kind", CONVERTERS)
-def test_converter_help(kind):
-    result = subprocess.run(
-        [sys.executable, "-m", "macrl.convert", kind, "--help"], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"usage: macrl-convert {kind}") and "--push-to-hub" in result.stdout
-    assert "--atol" in result.stdout and "--private" in result.stdout
+def test_converter_help(kind, capsys):
+    # in this process: a real process per kind cost 8 s of imports each; test_scripts_convert_from_the_command_line
+    # runs the command as a process
+    from macrl.convert import main
+
+    assert main([kind, "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: macrl-convert {kind}") and "--push-to-hub" in printed
+    assert "--atol" in printed and "--private" in printed
 
 
 def test_convert_command_lists_the_kinds_and_refuses_others(capsys):
