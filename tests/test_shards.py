@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
+from image_folders import write_class_folders
 from macrl.data import (
     BatchedTwoViewDataset,
     StreamCollator,
@@ -352,7 +353,8 @@ def test_torchrun_on_shards_trains_every_image_once_and_sums_the_skipped(shards,
     with one corrupt image in a shard that a reader of process 1 reads: the run completes and writes the encoder and
     results.json; the data positions of the two processes show the 4 readers (0, 1 in process 0; 2, 3 in process 1)
     each through its own shard, so every image of the epoch was trained on once; and `skipped_unreadable` counts
-    process 1's skip (it was process 0's count alone)."""
+    process 1's skip (it was process 0's count alone). With `--eval-data` and `--knn-every`, process 0 runs the kNN
+    monitor and the final evaluation while process 1 waits, and the split is unchanged."""
     from macrl.data.streaming_two_view_dataset import StreamPosition, shard_order
 
     order = shard_order(SHARDS, 0, 0)  # reader g reads shard order[g] in epoch 0
@@ -360,10 +362,15 @@ def test_torchrun_on_shards_trains_every_image_once_and_sums_the_skipped(shards,
     corrupt_shard = order[2]
     pattern = _corrupt_copy(shards, tmp_path / "corrupt", key=f"fmnist_{corrupt_shard * per:06d}")
     out = tmp_path / "run"
-    run = _torchrun_pretrain("--data", pattern, *EPOCH_RUN, "--skip-unreadable", "--output-dir", out)
+    eval_data = write_class_folders(tmp_path / "eval", 100)
+    evaluated = [arg for arg in EPOCH_RUN if arg != "--no-knn"]
+    run = _torchrun_pretrain("--data", pattern, *evaluated, "--skip-unreadable", "--eval-data", eval_data,
+                             "--knn-every", "6", "--eval-images", "20", "--no-linear-probe", "--output-dir", out)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 12 and results["epochs"] == 1.0 and results["num_workers"] == 2
+    assert 0 <= results["knn_accuracy"] <= 100 and results["knn_test_images"] == 10  # the held-out tenth
+    assert results["eval_data"] == str(eval_data.resolve()) and results["knn_monitor_last"] is not None
     assert (out / "encoder" / "model.safetensors").is_file() and (out / "encoder" / "config.json").is_file()
 
     states = [json.loads((out / "checkpoints" / "checkpoint-12" / f"data_state_{rank}.json").read_text())
