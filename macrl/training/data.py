@@ -17,6 +17,7 @@ from ..data import (
     SubsetSource,
     TwoViewCollator,
     TwoViewDataset,
+    UnreadableImageError,
     build_strong_transform,
     build_weak_transform,
     open_train_and_test,
@@ -79,7 +80,13 @@ class PretrainingData:
         if self.eval_source is not None or not self.streamed:
             shown = self.eval_source or self.train_source
             count = min(count, len(shown))
-            return [shown.load_image(i * len(shown) // count) for i in range(count)]
+            images = []
+            for index in (i * len(shown) // count for i in range(count)):
+                try:
+                    images.append(shown.load_image(index))
+                except UnreadableImageError:  # a picture fewer; the evaluation names or skips the image
+                    continue
+            return images
         images = []
         for sample in self.train.stream.samples(0):
             try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..atomic_files import atomic_path
-from ..data import ImageSource
+from ..data import ImageSource, UnreadableImageError
 from ..evaluation.frozen_features import RAW_PIXELS_MAX_VALUES, evaluate_encoder, evaluate_raw_pixels
 from ..evaluation.labels import EvaluationDataError
 from ..image_processing_macrl import MACRLImageProcessor
@@ -25,12 +25,17 @@ logger = logging.getLogger(__name__)
 
 def final_evaluation(
     encoder, processor: MACRLImageProcessor, data: PretrainingData, device: torch.device, *,
-    linear_probe: bool, floor: bool, seed: int,
+    linear_probe: bool, floor: bool, seed: int, num_workers: int = 0, skip_unreadable: bool = False,
 ) -> dict | None:
     """Weighted kNN (k=20, T=0.07) and, with `linear_probe`, the linear probe of `macrl-eval` on the config's pooled
     features (`data.labelled_evaluation()`: the kNN memory / probe training set, and the queries / test set), and with
     `floor` the same on raw pixels (`raw_pixel_floor`) where the images are small enough; None without labelled
-    images on both sides. Accuracies in percent."""
+    images on both sides. Accuracies in percent. The images are read by `num_workers` DataLoader workers (the run's:
+    the kNN memory can be a whole training set to decode); with `skip_unreadable` an undecodable one is skipped and
+    counted (`eval_skipped_unreadable`), as in training, and there is no floor.
+
+    Raises:
+        UnreadableImageError: an image cannot be decoded, without `skip_unreadable`."""
     sources = data.labelled_evaluation()
     if sources is None:
         return None
@@ -39,6 +44,7 @@ def final_evaluation(
     results = evaluate_encoder(
         encoder, processor, memory, queries,
         linear_probe=linear_probe, pools=(pooling,), batch_size=256, device=device, seed=seed,
+        num_workers=num_workers, skip_unreadable=skip_unreadable,
     )
     evaluation = {
         "knn_accuracy": round(results[f"knn_accuracy_{pooling}"], 2),
@@ -47,6 +53,9 @@ def final_evaluation(
     }
     if linear_probe:
         evaluation["linear_probe_accuracy"] = round(results[f"linear_probe_accuracy_{pooling}"], 2)
+    if results["skipped_images"]:
+        evaluation["eval_skipped_unreadable"] = results["skipped_images"]
+        floor = False  # the pixels of the two sides would not be the images the encoder was evaluated on
     channels = 1 if data.augmentation.num_channels == 1 else 3
     if floor and _small_enough(memory, queries, channels):
         try:

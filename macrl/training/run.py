@@ -254,12 +254,16 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     if monitor is not None:
         results["knn_monitor_seconds"] = round(monitor.seconds, 2)
         results["knn_monitor_last"] = monitor.last
-    evaluation = None
+    evaluation, evaluation_error = None, None
     if args.knn:
-        evaluation = final_evaluation(
-            model.macrl, release.processor, data, device,
-            linear_probe=args.linear_probe, floor=args.raw_pixel_floor, seed=args.seed,
-        )
+        try:
+            evaluation = final_evaluation(
+                model.macrl, release.processor, data, device,
+                linear_probe=args.linear_probe, floor=args.raw_pixel_floor, seed=args.seed,
+                num_workers=args.num_workers, skip_unreadable=args.skip_unreadable,
+            )
+        except UnreadableImageError as error:  # after the training: write the encoder and results first, then say it
+            evaluation_error = error
     if evaluation:  # and what it is measured on: a split of --data, or of --eval-data
         results.update(evaluation, eval_split=data.eval_split)
         if data.eval_data is not None:
@@ -272,9 +276,10 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         plot_loss_curves(log_path, pictures / "loss_curves.png")
     # fixed evaluation images, so the pictures of two runs are comparable
     transform = build_eval_transform(data.augmentation)
-    samples = torch.stack([transform(image) for image in data.picture_images(8)])
-    mean, std = list(data.augmentation.mean), list(data.augmentation.std)
-    reconstruction_grid(model.cpu(), samples, mean, std, pictures / "reconstructions.png", seed=args.seed)
+    if images := data.picture_images(8):  # none: every one of them unreadable
+        samples = torch.stack([transform(image) for image in images])
+        mean, std = list(data.augmentation.mean), list(data.augmentation.std)
+        reconstruction_grid(model.cpu(), samples, mean, std, pictures / "reconstructions.png", seed=args.seed)
 
     progress = {"steps": results["steps"], "epochs": results["epochs"], "minutes": results["training_minutes"]}
     release.export(model, progress, evaluation)
@@ -282,4 +287,9 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.push_to_hub:
         results["hub_commit"] = release.push("Upload MACRL encoder")
+    if evaluation_error is not None:
+        raise UnreadableImageError(
+            f"the evaluation at the end: {first_line(evaluation_error)}; the encoder, pictures and results.json are "
+            f"written in {output_dir} without it"
+        ) from evaluation_error
     return results
