@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..atomic_files import atomic_path
-from ..data import ImageSource, UnreadableImageError
+from ..data import ImageSource
 from ..evaluation.frozen_features import RAW_PIXELS_MAX_VALUES, evaluate_encoder, evaluate_raw_pixels
 from ..evaluation.labels import EvaluationDataError
 from ..image_processing_macrl import MACRLImageProcessor
