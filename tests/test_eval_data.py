@@ -155,24 +155,30 @@ def test_eval_split_names_the_labelled_split_of_a_dataset(shards, tmp_path, caps
 
 
 def test_an_unreadable_eval_image_loses_nothing_of_the_run(shards, eval_folder, tmp_path, capsys):
-    """An undecodable image among the --eval-data met at the end (after all the training): the encoder, the pictures
-    and results.json are still written, then one line names the image; with --skip-unreadable it is left out of
-    the evaluation."""
+    """Undecodable images among the --eval-data, met by the kNN monitor during the training and by the evaluation at
+    the end: the monitor turns itself off with a warning naming one and the training goes on; the encoder, the
+    pictures and results.json are still written, then one line names the image; with --skip-unreadable they are left
+    out of the evaluation."""
     import shutil
 
     broken = tmp_path / "broken-eval"
     shutil.copytree(eval_folder, broken)
-    victim = sorted((broken / "class_3").iterdir())[0]
-    victim.write_bytes(b"not a png")
-    common = [*FAST, "--data", shards, "--eval-data", broken, "--max-steps", "2", "--no-linear-probe"]
+    victims = sorted((broken / "class_3").iterdir())  # a whole class: among the monitor's memory and queries too
+    for victim in victims:
+        victim.write_bytes(b"not a png")
+    common = [*FAST, "--data", shards, "--eval-data", broken, "--max-steps", "3", "--no-linear-probe"]
     capsys.readouterr()
-    assert _run(*common, "--output-dir", tmp_path / "run") == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("macrl-pretrain: error: the evaluation at the end: Cannot read image") and victim.name in err
+    assert _run(*common, "--knn-every", "1", "--output-dir", tmp_path / "run") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("the kNN monitor is off: Cannot read image" in line for line in err), err
+    assert err[-1].startswith("macrl-pretrain: error: the evaluation at the end: Cannot read image")
+    assert any(victim.name in err[-1] for victim in victims)
     out = tmp_path / "run"
     assert (out / "encoder" / "model.safetensors").is_file() and (out / "pictures" / "reconstructions.png").is_file()
-    assert _results(out)["steps"] == 2 and "knn_accuracy" not in _results(out)
+    results = _results(out)
+    assert results["steps"] == 3 and "knn_accuracy" not in results and results["knn_monitor_last"] is None
 
-    assert _run(*common, "--skip-unreadable", "--output-dir", tmp_path / "skipping") == 0
+    assert _run(*common, "--skip-unreadable", "--knn-every", "1", "--output-dir", tmp_path / "skipping") == 0
     results = _results(tmp_path / "skipping")
-    assert results["knn_train_images"] + results["knn_test_images"] == EVAL_IMAGES - 1 and "knn_accuracy" in results
+    assert results["knn_train_images"] + results["knn_test_images"] == EVAL_IMAGES - len(victims)
+    assert "knn_accuracy" in results and results["knn_monitor_last"] is not None

@@ -193,6 +193,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             monitor = KnnMonitor(
                 release.processor, *sources,
                 every=args.knn_every, images=args.knn_monitor_images, seed=args.seed, device=device,
+                skip_unreadable=args.skip_unreadable,
             )
     if args.push_to_hub and args.push_checkpoints:
 
