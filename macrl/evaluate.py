@@ -6,7 +6,7 @@ Evaluates on Debian's Fashion-MNIST train / test split by default, or on a folde
 seeded held-out split of `macrl.data.splits`, the one `macrl-pretrain --seed S` holds out), or on a `datasets`
 dataset with train / test splits. Prints a table, writes the results as JSON (`--output`) and can rewrite a local
 model folder's model card with them (`--update-card`). The work is the library's: `macrl.evaluation`
-(`evaluate_encoder`, `finetune`), `macrl.data.open_train_and_test`, `macrl.loading`, `macrl.model_card`.
+(`evaluate_encoder`, `finetune`), `macrl.evaluation.labels.open_labelled`, `macrl.loading`, `macrl.model_card`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from .command_line import (
     progress_bars,
     run_command,
 )
-from .data import limit_source, open_train_and_test
+from .data import limit_source
 from .devices import resolve_device
 from .evaluation.frozen_features import check_labelled, evaluate_encoder
+from .evaluation.labels import open_labelled
 from .loading import load_encoder_and_processor
 from .model_card import card_evaluation, update_model_card
 from .precision import slow_precision_warning
@@ -206,13 +207,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model, processor = load_encoder_and_processor(args.model, args.revision)
     mode = "L" if model.config.num_channels == 1 else "RGB"
     with about("--data" if args.data is not None else None):
-        splits = open_train_and_test(
+        splits = open_labelled(
             args.data, mode, train_split=args.train_split, test_split=args.test_split,
             holdout_fraction=args.test_fraction, seed=args.seed,
             image_column=args.image_column, label_column=args.label_column, skip_unreadable=args.skip_unreadable,
         )
-        if splits.test is None:  # nothing held out: the training images have no labels
-            check_labelled(splits.train)
         train = limit_source(splits.train, args.limit_train, args.seed)
         test = limit_source(splits.test, args.limit_test, args.seed)
         check_labelled(train, test)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..data import ImageSource
+from ..data import DataSplits, ImageSource, open_train_and_test
 from ..errors import InputError
 
-__all__ = ["EvaluationDataError", "check_labelled", "num_classes_of"]
+__all__ = ["EvaluationDataError", "check_labelled", "num_classes_of", "open_labelled"]
 
 
 class EvaluationDataError(InputError):
@@ -34,6 +34,22 @@ def check_labelled(*sources: ImageSource, num_classes: int | None = None) -> Non
                 raise EvaluationDataError(
                     f"the {role} images ({source.name}) have label {bad[0]} outside [0, {num_classes})"
                 )
+
+
+def open_labelled(data: str | None, mode: str, **splitting) -> DataSplits:
+    """`open_train_and_test(data, mode, **splitting)` for an evaluation, the one way `macrl-eval --data` and
+    `macrl-pretrain --eval-data` open theirs: where nothing could be held out because the training images have no
+    labels, that is said at once (`EvaluationDataError`) rather than as a missing test set. The callers cap the
+    splits, then `check_labelled` both.
+
+    Raises:
+        DataError: the data cannot be opened.
+        EvaluationDataError: the training images have no labels and there is no test split.
+    """
+    splits = open_train_and_test(data, mode, **splitting)
+    if splits.test is None:  # nothing held out: the training images have no labels to hold out by
+        check_labelled(splits.train)
+    return splits
 
 
 def num_classes_of(*sources: ImageSource) -> int:

@@ -25,7 +25,7 @@ from ..data import (
 from ..data.open_data import is_stream, open_stream
 from ..data.streaming_two_view_dataset import StreamCollator, StreamingTwoViewDataset, reader_layout
 from ..errors import first_line
-from ..evaluation.labels import EvaluationDataError, check_labelled
+from ..evaluation.labels import EvaluationDataError, check_labelled, open_labelled
 
 
 # Fashion-MNIST's garments are centred, upright and 28 px: milder crops than ImageNet's keep most of the garment in
@@ -154,13 +154,11 @@ def open_eval_data(args, mode: str) -> tuple[ImageSource, ImageSource, DataSplit
             "a folder of class subfolders or a `datasets` dataset"
         )
     try:
-        splits = open_train_and_test(
+        splits = open_labelled(
             args.eval_data, mode, test_split=args.eval_split,
             holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
             image_column=args.image_column, label_column=args.label_column, skip_unreadable=args.skip_unreadable,
         )
-        if splits.test is None:  # nothing held out: the images have no labels to hold out by
-            check_labelled(splits.train)
         memory, queries = splits.train, _at_most(splits.test, args.eval_images)
         check_labelled(memory, queries)
     except DataError as error:  # its message starts with the data's name
