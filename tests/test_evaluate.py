@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import TINY
 from huggingface_hub import ModelCard
+from image_folders import write_class_folders
 from PIL import Image
 from saved_datasets import write_dataset_dict
 
@@ -328,11 +329,7 @@ def _one_error_line(stderr: str) -> str:
 
 
 def test_cli_unlabelled_folder_exits_2_with_one_line(model_folder, tmp_path):
-    images, _ = load_fashion_mnist("test")
-    data = tmp_path / "flat"
-    data.mkdir()
-    for i in range(5):  # images directly in the folder: no classes
-        Image.fromarray(images[i].numpy()).save(data / f"{i}.png")
+    data = write_class_folders(tmp_path / "flat", 5, labelled=False)  # images directly in the folder: no classes
     completed = _run_cli("--model", str(model_folder), "--data", str(data), "--device", "cpu")
     assert completed.returncode == 2
     assert "no labels" in _one_error_line(completed.stderr)
