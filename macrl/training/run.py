@@ -262,6 +262,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                 model.macrl, release.processor, data, device,
                 linear_probe=args.linear_probe, floor=args.raw_pixel_floor, seed=args.seed,
                 num_workers=args.num_workers, skip_unreadable=args.skip_unreadable,
+                label_fractions=tuple(args.label_fractions), dinov2_linear=args.dinov2_linear,
             )
         except UnreadableImageError as error:  # after the training: write the encoder and results first, then say it
             evaluation_error = error
