@@ -28,6 +28,7 @@ from ..devices import resolve_device
 from ..errors import InputError, first_line
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
+from ..openmp_waiting import openmp_wait_policy
 from ..precision import cpu_runs_bf16_fast, slow_precision_warning
 from ..presets import load_config
 from .arguments import PretrainingArguments
@@ -214,10 +215,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         bf16=args.bf16,
         monitor=monitor,
     )
+    cpu_started = time.process_time()
     try:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
     except (UnreadableImageError, UnreadableShardError) as error:
         raise type(error)(f"{first_line(error)}; the checkpoints so far are kept in {checkpoint_dir}") from error
+    cpu_seconds = time.process_time() - cpu_started  # every thread of this process: the work, and any spinning
     skipped = trainer.skipped_unreadable()  # before rank 0 goes its own way: every process takes part
     if not trainer.is_world_process_zero():
         return {}
@@ -239,10 +242,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         "training_minutes": round(train_output.metrics.get("train_runtime", 0.0) / 60, 2),
         "training_seconds": round(train_output.metrics.get("train_runtime", 0.0), 2),
         "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
+        "training_cpu_seconds": round(cpu_seconds, 2),
         "stopped_by_time_budget": trainer.clock.stopped_by_budget,
         "bf16": args.bf16,
         "fp16": args.fp16,
         "num_workers": args.num_workers,
+        "omp_wait_policy": openmp_wait_policy(),
         "seconds_to_first_step": None if first_step.seconds is None else round(first_step.seconds, 2),
         "final_learning_rate": _last_logged(trainer, "learning_rate"),
         "final_momentum": trainer.momentum_update.momentum,
