@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             for steps in (20 * steps_per_epoch, 100, 400, 1600):
                 epochs = max(1, math.ceil(steps / steps_per_epoch))
                 started = time.perf_counter()
-                result = linear_probe(fit[rows], train_labels[rows], held, test_labels, 10, epochs=epochs, seed=args.seed)
+                result = linear_probe(
+                    fit[rows], train_labels[rows], held, test_labels, 10, epochs=epochs, seed=args.seed
+                )
                 print(f"| {name} | {fraction:.0%} ({len(rows)}) | {epochs * steps_per_epoch} | {result.accuracy:.2f} | "
                       f"{time.perf_counter() - started:.1f} |", flush=True)
     return 0

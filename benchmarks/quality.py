@@ -8,9 +8,9 @@ count to the budget from a timing of real steps), then the encoder's CLS feature
 test split with every probe the main job reports: the weighted kNN (k=20, T=0.07) and the linear probe with all the
 training labels, with 1% and with 10% of them (seeded, class-balanced), and DINOv2's linear protocol (the CLS tokens
 of the last 4 blocks and the mean patch token). Two floors sit beside them: the same encoder at random
-initialisation, and raw pixels (whose "DINOv2" column is the plain linear probe: pixels have no blocks). Finished runs are cached in
-`--output-dir/<run>/quality.json`, so the benchmark can be run in parts and only missing runs are redone; a run
-cut short continues from its last checkpoint.
+initialisation, and raw pixels (whose "DINOv2" column is the plain linear probe: pixels have no blocks).
+Finished runs are cached in `--output-dir/<run>/quality.json`, so the benchmark can be run in parts and only missing
+runs are redone; a run cut short continues from its last checkpoint.
 One table is printed (and written as markdown and JSON): a method's value is the mean over seeds, with the spread
 (max - min) beside it; a gap smaller than the spread is a tie.
 """

@@ -277,7 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 compile=args.compile, label_fractions=args.label_fractions, dinov2_linear=args.dinov2_linear,
             )
         )
-        if args.raw_pixel_floor and not results["skipped_images"] and floor_applies(train, test, 1 if mode == "L" else 3):
+        channels = 1 if mode == "L" else 3
+        if args.raw_pixel_floor and not results["skipped_images"] and floor_applies(train, test, channels):
             try:
                 floor = raw_pixel_floor(
                     train, test, linear_probe=args.linear_probe, seed=args.seed,

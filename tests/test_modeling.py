@@ -293,5 +293,6 @@ def test_cpu_training_in_bf16_runs_attention_eagerly(tiny_config, fashion_images
     assert not any("flash_attention_for_cpu_backward" in op for op in training_bf16)
     # the momentum branch's forward needs no gradient: sdpa's fast forward stays
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in training_bf16
-    assert any("flash_attention_for_cpu_backward" in op for op in _attention_ops(model, pixels, autocast=False, backward=True))
+    fp32_training = _attention_ops(model, pixels, autocast=False, backward=True)
+    assert any("flash_attention_for_cpu_backward" in op for op in fp32_training)
     assert "aten::bmm" not in _attention_ops(model, pixels, autocast=True, backward=False)

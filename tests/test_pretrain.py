@@ -285,8 +285,8 @@ def test_raw_pixel_floor_is_computed_once_and_reused(tmp_path, capsys):
     assert _run(*flags, "--output-dir", tmp_path / "first") == 0
     first = json.loads((tmp_path / "first" / "results.json").read_text())
     assert "linear_probe_accuracy" not in first and "raw_pixels_linear_probe_accuracy" not in first
-    (kept,) = [path for path in raw_pixel_floor_cache().glob("*.json") if json.loads(path.read_text())["knn_accuracy_pixels"]
-               == first["raw_pixels_knn_accuracy"]]
+    (kept,) = [path for path in raw_pixel_floor_cache().glob("*.json")
+               if json.loads(path.read_text())["knn_accuracy_pixels"] == first["raw_pixels_knn_accuracy"]]
     kept.write_text(json.dumps({**json.loads(kept.read_text()), "knn_accuracy_pixels": 12.5}))
     assert _run(*flags, "--output-dir", tmp_path / "second") == 0
     assert json.loads((tmp_path / "second" / "results.json").read_text())["raw_pixels_knn_accuracy"] == 12.5

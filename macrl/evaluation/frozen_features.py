@@ -224,7 +224,7 @@ def evaluate_features(
 
 
 # the probe's default schedule is 20 epochs of 1024-row batches; on a few hundred labelled rows that is 20 steps, so a
-# small training set gets as many epochs as make this many steps (benchmarks/results/quality/probes.md, benchmarks/probe_schedule.py)
+# small training set gets as many epochs as make this many steps (benchmarks/results/quality/probes.md)
 _FEW_LABEL_MIN_STEPS = 400
 
 
