@@ -14,12 +14,12 @@ LAYERS = {
     1: ["errors", "configuration_macrl", "modeling_macrl", "modeling_macrl_backbone", "image_processing_macrl",
         "contrastive_loss", "distributed", "timm_layout", "precision", "devices", "atomic_files", "presets"],
     2: ["data"],
-    3: ["loading", "feature_extraction", "feature_files", "hub", "model_card", "model_cards"],
+    3: ["loading", "feature_extraction", "feature_files", "hub", "model_card", "model_cards", "visualization"],
     4: ["evaluation", "training"],
-    5: ["command_line", "pretrain", "extract", "evaluate", "convert", "conversion"],
+    5: ["command_line", "pretrain", "extract", "evaluate", "convert", "conversion", "visualize"],
 }  # fmt: skip
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
-COMMANDS = {"command_line", "pretrain", "extract", "evaluate", "convert"}
+COMMANDS = {"command_line", "pretrain", "extract", "evaluate", "convert", "visualize"}
 
 
 def _modules() -> list[tuple[str, Path]]:
