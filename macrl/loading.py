@@ -1,7 +1,8 @@
 """Loading a released MACRL encoder and its image processor from a local folder or the Hub, with clear errors.
 
 `load_image_processor` is the one place that decides what a folder without `preprocessor_config.json` gets:
-`MACRLImageProcessor.from_model_config` (the config's size and channels, mean/std 0.5), with a logged warning.
+`MACRLImageProcessor.from_model_config` (the config's size and channels, mean/std 0.5), with a logged warning
+(a `macrl-pretrain` OUTPUT_DIR: the processor of its `encoder/`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+PROCESSOR_FILE = "preprocessor_config.json"
 
 
 class ModelLoadError(InputError):
@@ -98,8 +101,12 @@ def load_image_processor(
     name_or_path: str | Path | None, config: MACRLConfig, revision: str | None = None
 ) -> MACRLImageProcessor:
     """The image processor saved with a model (`AutoImageProcessor`), or, where there is none (or no folder),
-    `MACRLImageProcessor.from_model_config(config)` with a warning."""
+    `MACRLImageProcessor.from_model_config(config)` with a warning. A `macrl-pretrain` OUTPUT_DIR, which holds the
+    pre-training model without a processor, gets the one of its `encoder/`."""
     if name_or_path is not None:
+        folder = Path(name_or_path).expanduser()
+        if not (folder / PROCESSOR_FILE).is_file() and (folder / "encoder" / PROCESSOR_FILE).is_file():
+            name_or_path = folder / "encoder"
         try:
             return AutoImageProcessor.from_pretrained(str(name_or_path), revision=revision)
         except (OSError, ValueError):

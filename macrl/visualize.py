@@ -70,15 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _processor_folder(model: str) -> str | Path:
-    """Where the image processor is: the model folder, or the `encoder/` of a `macrl-pretrain` OUTPUT_DIR (whose top
-    level holds the pre-training model without one)."""
-    folder = Path(model).expanduser()
-    if not (folder / "preprocessor_config.json").is_file() and (folder / "encoder" / "preprocessor_config.json").is_file():
-        return folder / "encoder"
-    return model
-
-
 def _read_images(folder: str, mode: str, count: int, skip_unreadable: bool) -> tuple[list, list[str]]:
     """Up to `count` images of `folder`, spread evenly over it, and their paths relative to it."""
     if not Path(folder).expanduser().is_dir():
@@ -109,7 +100,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         device = resolve_device(args.device)
     with progress_bars(not args.no_progress and sys.stderr.isatty()), about("--model"):
         model = load_pretraining_or_encoder(args.model, args.revision)
-        processor = load_image_processor(_processor_folder(check_model_reference(args.model)), model.config, args.revision)
+        processor = load_image_processor(check_model_reference(args.model), model.config, args.revision)
     mode = "L" if model.config.num_channels == 1 else "RGB"
     with about("--images"):
         images, names = _read_images(args.images, mode, args.num_images, args.skip_unreadable)
