@@ -4,9 +4,9 @@ Two pictures that users of self-supervised ViTs draw before they trust one:
 
 * **attention maps** (DINO's `visualize_attention.py`): the CLS token's softmax attention over the patch tokens in
   the last block, one map per head, laid over the image, one square per patch;
-* **feature PCA** (DINOv2's Figure 1, dinov2 issues #23 / #177): a PCA over the patch tokens of all the images
-  together; patches that score above 0 on the first component are kept as foreground, and a second PCA over those
-  patches gives three components shown as red, green and blue (the background black).
+* **feature PCA** (DINOv2's Figure 1, dinov2 issues #23 / #45): a PCA over each image's patch tokens; the patches
+  that score above 0 on its first component are the foreground, and a second PCA over the foreground patches of all
+  the images together gives three components shown as red, green and blue (the background black).
 
 `encoder_maps` computes both from one forward pass with `output_attentions=True` (computed eagerly for that call, so
 the maps are the same whatever `attn_implementation` the model runs with); `feature_pca` does the PCA;
@@ -127,9 +127,9 @@ class FeaturePCA:
     """What `feature_pca` returns for `N` images on a grid of `h x w` patches.
 
     Attributes:
-        first_component: `[N, h, w]`, each patch's score on the first principal component of all the patch tokens
-            (centred, so the mean patch scores 0), signed so that the patches on the image border score lower on
-            average than the inner ones (a background usually touches the border).
+        first_component: `[N, h, w]`, each patch's score on the first principal component of its image's patch
+            tokens (centred, so the image's mean patch scores 0), signed so that the patches on the image border score
+            lower on average than the inner ones (a background usually touches the border).
         foreground: `[N, h, w]` bool, the patches kept: `first_component > threshold` (all of them without one).
         rgb: `[N, h, w, 3]` in [0, 1], the first three principal components of the foreground patches (a second PCA
             over them alone), each scaled to [0, 1] over all the images; background patches are 0 (black).
@@ -162,17 +162,20 @@ def _border(height: int, width: int) -> torch.Tensor:
 
 
 def feature_pca(patch_tokens: torch.Tensor, threshold: float | None = 0.0) -> FeaturePCA:
-    """DINOv2's picture from `[N, h, w, D]` patch tokens: the first principal component over all the patches of all
-    the images, thresholded at `threshold` for the foreground (DINOv2's paper removes the patches "with a negative
-    score of the first PCA component"; `None` keeps every patch), then the first three components of the foreground
-    patches as RGB."""
+    """DINOv2's picture from `[N, h, w, D]` patch tokens: each image's first principal component over its own
+    patches, thresholded at `threshold` for the foreground (DINOv2's paper removes the patches "with a negative score
+    of the first PCA component"; per image, as dinov2 issue #45 reads it, so that the differences between the images
+    do not take the first component; `None` keeps every patch), then the first three components of the foreground
+    patches of all the images together, as RGB (one colour scale for every image)."""
     count, height, width, dim = patch_tokens.shape
-    rows = patch_tokens.reshape(-1, dim).float()  # [N*h*w, D]
-    first = _principal_scores(rows, 1)[:, 0].reshape(count, height, width)
     border = _border(height, width)
-    if not border.all() and first[:, border].mean() > first[:, ~border].mean():
-        first = -first  # a component's sign is arbitrary: point it at the inner patches
+    first = torch.stack([_principal_scores(tokens.reshape(-1, dim), 1)[:, 0] for tokens in patch_tokens.float()])
+    first = first.reshape(count, height, width)
+    if not border.all():  # a component's sign is arbitrary: point each image's at its inner patches
+        flip = first[:, border].mean(dim=1) > first[:, ~border].mean(dim=1)  # [N]
+        first = torch.where(flip[:, None, None], -first, first)
     foreground = first > threshold if threshold is not None else torch.ones_like(first, dtype=torch.bool)
+    rows = patch_tokens.reshape(-1, dim).float()  # [N*h*w, D]
     kept = foreground.reshape(-1)
     if kept.sum() < 2:  # no foreground to speak of: the colours of every patch instead
         kept = torch.ones_like(kept)
@@ -306,13 +309,11 @@ def plot_attention_maps(
 def plot_feature_pca(
     images: np.ndarray, pca: FeaturePCA, output_path: str | Path, labels: Sequence[str] = ()
 ) -> Path:
-    """Three rows, one column per image: the image; the first principal component of all the patch tokens (red
-    above 0, blue below); the first three components of the foreground patches as RGB."""
+    """Three rows, one column per image: the image; the first principal component of its patch tokens (red above 0,
+    blue below); the first three components of the foreground patches of all the images as RGB."""
     first = pca.first_component.numpy()
     limit = float(np.abs(first).max()) or 1.0
-    kept = "patches above 0 on it" if pca.threshold == 0 else (
-        f"patches above {pca.threshold:g} on it" if pca.threshold is not None else "every patch"
-    )
+    kept = "every patch" if pca.threshold is None else f"the patches above {pca.threshold:g} on its 1st component"
     rows = [
         [Tile(image=image) for image in images],
         [Tile(overlay=component, cmap="coolwarm", vmin=-limit, vmax=limit) for component in first],
@@ -320,12 +321,13 @@ def plot_feature_pca(
     ]
     row_titles = [
         "image",
-        "1st principal component (red > 0 > blue)",
-        "components 1-3 of the foreground as R, G, B",
+        "1st principal component of the image (red > 0 > blue)",
+        "components 1-3 of all the foreground as R, G, B",
     ]
     title = (
-        f"What the patch tokens hold: PCA over the {first.shape[1]}x{first.shape[2]} patch tokens of all "
-        f"{len(images)} images; the foreground is the {kept} (background black)"
+        f"What the patch tokens hold: a PCA of each image's {first.shape[1]}x{first.shape[2]} patch tokens finds the "
+        f"foreground ({kept}), a PCA of the foreground patches of all {len(images)} images colours them (background "
+        "black)"
     )
     return draw_grid(rows, output_path, title, row_titles=row_titles, column_titles=list(labels))
 

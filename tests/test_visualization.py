@@ -91,7 +91,8 @@ def test_functions_work_on_model_backbone_and_pretraining_model_alike(tiny_confi
 
 def test_feature_pca_finds_the_foreground_and_colours_it():
     """Patch tokens of two kinds: the inner 4x4 patches of a 6x6 grid hold one pattern, the ring around it another;
-    the first component tells them apart (inner side positive), the background is black, the colours span [0, 1]."""
+    each image's first component tells them apart (inner side positive), however much the two images differ; the
+    background is black, the colours span [0, 1]."""
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(2, 6, 6, 16, generator=generator) * 0.05
     inner = torch.zeros(6, 6, dtype=torch.bool)
@@ -99,6 +100,7 @@ def test_feature_pca_finds_the_foreground_and_colours_it():
     tokens[:, inner, 0] += 3.0  # the object
     tokens[:, inner, 1:4] += torch.randn(2, 16, 3, generator=generator)  # parts of it
     tokens[:, ~inner, 5] -= 1.0  # the background
+    tokens[1, ..., 6] += 20.0  # the second image differs from the first everywhere: not a foreground
     pca = feature_pca(tokens)
     assert torch.equal(pca.foreground, inner.expand(2, -1, -1))
     assert (pca.first_component[:, inner] > 0).all() and (pca.first_component[:, ~inner] < 0).all()
