@@ -10,7 +10,7 @@ Two pictures that users of self-supervised ViTs draw before they trust one:
 
 `encoder_maps` computes both from one forward pass with `output_attentions=True` (computed eagerly for that call, so
 the maps are the same whatever `attn_implementation` the model runs with); `feature_pca` does the PCA;
-`plot_attention_maps` and `plot_feature_pca` draw them (matplotlib, Agg); `encoder_pictures` does it all for a batch
+`plot_attention_maps` and `plot_feature_pca` draw them (a matplotlib `Figure`, written with Agg); `encoder_pictures` does it all for a batch
 and writes both files. They take a `MACRLModel`, a `MACRLBackbone` (a `MACRLModel` subclass) or a model that holds one
 as `.macrl` (`MACRLForPreTraining`, `MACRLForImageClassification`).
 
@@ -238,14 +238,12 @@ def draw_grid(
 ) -> Path:
     """A PNG of `tiles` (rows of squares) with a title, a title to the left of each row and above each column; its
     size is `grid_figure_size(rows, columns)`."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: a file, never a window
-    import matplotlib.pyplot as plt
+    # a Figure of its own, not pyplot's: written with Agg, and a caller's pyplot backend (a notebook's) is left alone
+    from matplotlib.figure import Figure
 
     num_rows, num_columns = len(tiles), max(len(row) for row in tiles)
     width, height = grid_figure_size(num_rows, num_columns)
-    figure = plt.figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     left, top = ROW_TITLE_INCHES * DPI / width, 1 - TITLE_INCHES * DPI / height
     tile_width, tile_height = TILE_INCHES * DPI / width, TILE_INCHES * DPI / height
     pad = 0.04  # of a square, between squares
@@ -278,7 +276,6 @@ def draw_grid(
     figure.suptitle(textwrap.fill(title, int(width / DPI * 11)), fontsize=10, y=1 - 0.12 * TITLE_INCHES * DPI / height)
     output_path = Path(output_path)
     figure.savefig(output_path, dpi=DPI)
-    plt.close(figure)
     return output_path
 
 
