@@ -8,6 +8,7 @@
 | `mae` | `convert_mae_original_to_macrl` | a facebookresearch/mae checkpoint -> `MACRLForPreTraining` |
 | `mocov3` | `convert_mocov3_to_macrl` | a facebookresearch/moco-v3 ViT checkpoint -> `MACRLForPreTraining` |
 | `timm` | `convert_macrl_to_timm` | a MACRL encoder -> a timm `VisionTransformer` folder (`--reverse`: back) |
+| `onnx` | `convert_macrl_to_onnx` | a MACRL encoder -> `model.onnx` and `model.pt2` (`torch.export`), dynamic batch, height, width |
 """
 
 CONVERTERS = {
@@ -16,6 +17,7 @@ CONVERTERS = {
     "mae": "convert_mae_original_to_macrl",
     "mocov3": "convert_mocov3_to_macrl",
     "timm": "convert_macrl_to_timm",
+    "onnx": "convert_macrl_to_onnx",
 }
 
 __all__ = ["CONVERTERS"]

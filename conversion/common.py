@@ -462,8 +462,9 @@ def push_to_hub(
 # command line
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, overrides: bool = True) -> None:
-    """The options every script shares: tolerances, seed, `--set`, `--push-to-hub`, `--private`."""
+def add_common_arguments(parser: argparse.ArgumentParser, overrides: bool = True, hub: bool = True) -> None:
+    """The options every script shares: tolerances, seed, `--set` (with `overrides`), `--push-to-hub` and
+    `--private` (with `hub`: for a converter whose output is a model folder)."""
     group = parser.add_argument_group("checks, output and Hub")
     group.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="absolute tolerance of the output checks")
     group.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative tolerance of the output checks")
@@ -480,8 +481,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, overrides: bool = True
             help="override a MACRLConfig field of the result (repeatable; JSON values), e.g. "
             "--set reconstruction_loss=l2 --set contrastive_weight=0",
         )
-    group.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
-    group.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    if hub:
+        group.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output folder to this Hub repository")
+        group.add_argument("--private", action="store_true", help="create the Hub repository as private")
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The contract every macrl command keeps (`macrl-pretrain`, `macrl-extract`, `macrl-eval`, `macrl-convert`).
+"""The contract every macrl command keeps (`macrl-pretrain`, `macrl-extract`, `macrl-eval`, `macrl-visualize`,
+`macrl-convert`).
 
 Exit codes: 0 done; 1 a known failure while working (`MACRLError`: an unreadable image, a refused Hub push, a
 conversion whose outputs disagree); 2 a usage problem (`InputError`: a bad flag, a missing model or data folder, a

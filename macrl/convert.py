@@ -3,6 +3,7 @@
     macrl-convert checkpoint OUTPUT_DIR ./encoder            # the newest checkpoint of a macrl-pretrain run
     macrl-convert timm ./encoder ./encoder-timm --push-to-hub me/macrl-vit-s-timm
     macrl-convert mae mae_pretrain_vit_base.pth ./encoder --encoder-only
+    macrl-convert onnx ./encoder ./encoder-onnx                # model.onnx + model.pt2, any batch and image size
     macrl-convert KIND --help                                # each converter's own flags
 """
 

@@ -15,12 +15,12 @@ LAYERS = {
         "contrastive_loss", "distributed", "timm_layout", "precision", "devices", "atomic_files", "presets",
         "openmp_waiting"],
     2: ["data"],
-    3: ["loading", "feature_extraction", "feature_files", "hub", "model_card", "model_cards"],
+    3: ["loading", "feature_extraction", "feature_files", "hub", "model_card", "model_cards", "visualization"],
     4: ["evaluation", "training"],
-    5: ["command_line", "pretrain", "extract", "evaluate", "convert", "conversion"],
+    5: ["command_line", "pretrain", "extract", "evaluate", "convert", "conversion", "visualize"],
 }  # fmt: skip
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
-COMMANDS = {"command_line", "pretrain", "extract", "evaluate", "convert"}
+COMMANDS = {"command_line", "pretrain", "extract", "evaluate", "convert", "visualize"}
 
 
 def _modules() -> list[tuple[str, Path]]:

@@ -18,6 +18,7 @@ from macrl.presets import load_config
 from macrl.pretrain import main
 from macrl.training.arguments import PretrainingArguments
 from macrl.training.data import build_augmentation, build_pretraining_data
+from macrl.visualization import grid_figure_size
 from saved_datasets import write_dataset_dict
 from shard_files import write_shards
 
@@ -60,7 +61,7 @@ def test_shards_with_eval_data_get_the_monitor_the_evaluation_the_floor_and_the_
     assert [r["step"] for r in records if "knn_monitor_accuracy" in r] == [2, 4]
     assert results["knn_monitor_last"] == records[-1]["knn_monitor_accuracy"]
     with Image.open(out / "pictures" / "reconstructions.png") as grid:
-        assert grid.size == (8 * 28 * 4, 3 * 28 * 4)  # 8 eval images, resized to the model's 28 px
+        assert grid.size == grid_figure_size(3, 8)  # 8 eval images, resized to the model's 28 px
     # the card's accuracy is on the eval folder, the training facts name the shards
     card = (out / "encoder" / "README.md").read_text()
     model_index = card.split("model-index:")[1].split("---")[0]

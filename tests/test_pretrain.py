@@ -18,6 +18,7 @@ from macrl.pretrain import build_parser, format_report, main
 from macrl.presets import load_config
 from macrl.training.budget import steady_step_seconds
 from macrl.training.trainer import build_training_arguments
+from macrl.visualization import grid_figure_size
 from saved_datasets import write_dataset_dict
 
 # a few seconds per run: the tiny preset on a few dozen Fashion-MNIST images
@@ -58,7 +59,7 @@ def test_smoke_default_data_writes_every_output(tmp_path, capsys):
         with Image.open(out / "pictures" / picture) as image:
             assert image.format == "PNG" and image.width > 100
     with Image.open(out / "pictures" / "reconstructions.png") as grid:
-        assert grid.size == (8 * 28 * 4, 3 * 28 * 4)  # 8 held-out images x (original, masked, reconstructed)
+        assert grid.size == grid_figure_size(3, 8)  # 8 held-out images x (original, masked, reconstructed)
 
     # the encoder folder is what users download: it loads with the Auto classes and has a card
     encoder = AutoModel.from_pretrained(out / "encoder")

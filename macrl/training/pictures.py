@@ -1,12 +1,13 @@
 """PNG pictures of a run: the loss curves from the JSONL log, and a reconstruction grid of held-out images."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ..modeling_macrl import MACRLForPreTraining
+from ..visualization import Tile, draw_grid, to_display
 
 # one panel each, top to bottom: (JSONL key, title); the learning-rate panel also shows the momentum
 PANELS = (
@@ -51,16 +52,6 @@ def plot_loss_curves(log_path: Path, output_path: Path) -> Path:
     return Path(output_path)
 
 
-def _to_image(pixels: torch.Tensor, mean: list[float], std: list[float]) -> Image.Image:
-    """`[C, H, W]` normalised tensor -> PIL image."""
-    mean_t = torch.tensor(mean).view(-1, 1, 1)
-    std_t = torch.tensor(std).view(-1, 1, 1)
-    array = (pixels * std_t + mean_t).clamp(0, 1).mul(255).round().byte()
-    mode = "L" if array.shape[0] == 1 else "RGB"
-    data = array[0].numpy() if mode == "L" else array.permute(1, 2, 0).numpy()
-    return Image.fromarray(data, mode=mode).convert("RGB")
-
-
 @torch.no_grad()
 def reconstruction_grid(
     model: MACRLForPreTraining,
@@ -69,9 +60,10 @@ def reconstruction_grid(
     std: list[float],
     output_path: Path,
     seed: int = 0,
-    scale: int = 4,
+    labels: Sequence[str] = (),
 ) -> Path:
-    """Rows: original, masked input (hidden patches grey), reconstruction with the visible patches pasted back."""
+    """Rows: original, masked input (hidden patches grey), reconstruction with the visible patches pasted back; one
+    column per image (`labels` name them). A `draw_grid` picture of 3 x N squares."""
     model.eval()
     device = next(model.parameters()).device
     pixel_values = pixel_values.to(device)
@@ -89,12 +81,11 @@ def reconstruction_grid(
     patch_mask = mask.unsqueeze(-1)  # [N, L, 1], 1 = hidden
     masked = model.unpatchify(target * (1 - patch_mask))
     pasted = model.unpatchify(target * (1 - patch_mask) + predicted * patch_mask)
-    rows = [pixel_values, masked, pasted]
-    count, (height, width) = pixel_values.shape[0], pixel_values.shape[2:]
-    grid = Image.new("RGB", (count * width * scale, len(rows) * height * scale), "white")
-    for row, batch in enumerate(rows):
-        for column in range(count):
-            tile = _to_image(batch[column].float().cpu(), mean, std).resize((width * scale, height * scale), Image.NEAREST)
-            grid.paste(tile, (column * width * scale, row * height * scale))
-    grid.save(output_path)
-    return Path(output_path)
+    rows = [[Tile(image=image) for image in to_display(batch, mean, std)] for batch in (pixel_values, masked, pasted)]
+    hidden = int(mask[0].sum().item())
+    title = (
+        f"MAE reconstruction: {hidden} of the {mask.shape[1]} patches hidden from the encoder (grey), the decoder "
+        "predicts them"
+    )
+    row_titles = ["original", "masked input (hidden patches grey)", "reconstruction (visible patches pasted back)"]
+    return draw_grid(rows, output_path, title, row_titles=row_titles, column_titles=list(labels))

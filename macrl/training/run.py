@@ -6,7 +6,7 @@
 
 OUTPUT_DIR receives: the full pre-training model (`save_pretrained`: main and momentum branches), `encoder/` (the
 `MACRLModel` users download, with its image processor and model card), `checkpoints/`, `logs/train_log.jsonl`,
-`pictures/` (loss curves, reconstructions) and `results.json`.
+`pictures/` (loss curves, reconstructions, attention maps, feature PCA) and `results.json`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..modeling_macrl import MACRLForPreTraining
 from ..openmp_waiting import openmp_wait_policy
 from ..precision import cpu_runs_bf16_fast, slow_precision_warning
 from ..presets import load_config
+from ..visualization import encoder_pictures
 from .arguments import PretrainingArguments
 from .budget import STEP_HEADROOM, fit_steps_to_budget, probe_step_seconds
 from .callbacks import DataEpochCallback, FirstStepTimer, JsonlLogCallback, PushCheckpointCallback
@@ -287,6 +288,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         samples = torch.stack([transform(image) for image in images])
         mean, std = list(data.augmentation.mean), list(data.augmentation.std)
         reconstruction_grid(model.cpu(), samples, mean, std, pictures / "reconstructions.png", seed=args.seed)
+        encoder_pictures(model, samples, mean, std, pictures)  # attention maps, feature PCA
 
     progress = {"steps": results["steps"], "epochs": results["epochs"], "minutes": results["training_minutes"]}
     release.export(model, progress, evaluation)
