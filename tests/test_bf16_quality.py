@@ -63,7 +63,7 @@ def _features(model: MACRLModel, pixels: torch.Tensor, path: str, batch_size: in
 
 
 def _small_config(**overrides):
-    # the fmnist preset's width (192, 3 heads, patch 4 on 28 px) with 2 of its 6 blocks: runs in seconds
+    # the fmnist preset's width (192, 3 heads, patch 4 on 28 px) with 2 of its 4 blocks: runs in seconds
     return load_config("fmnist", patch_size=4, num_hidden_layers=2, **overrides)
 
 
