@@ -217,11 +217,16 @@ def prepare_for_inference(
 
 
 def _keep_float32_modules(model: nn.Module) -> None:
-    """Put back in float32 the modules a model keeps in float32 when it is loaded in half precision (its
-    `_keep_in_fp32_modules_strict`, as `from_pretrained(dtype=...)` does): `Module.to(dtype)` casts everything."""
-    patterns = [re.compile(pattern) for pattern in getattr(model, "_keep_in_fp32_modules_strict", None) or ()]
-    for name, module in model.named_modules():
-        if name and any(pattern.search(f"{name}.") for pattern in patterns):
+    """Put back in float32 the parameters a model keeps in float32 when it is loaded in half precision (its
+    `_keep_in_fp32_modules_strict`, as `from_pretrained(dtype=...)` does): `Module.to(dtype)` casts everything.
+
+    A name matches as it does in transformers' loader: searched for anywhere in the parameter's full name."""
+    names = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    patterns = [re.compile(name.replace("*", ".*")) for name in names]
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        own = [prefix + name for name, _ in module.named_parameters(recurse=False)]  # e.g. "norm.weight"
+        if any(pattern.search(name) for name in own for pattern in patterns):
             module.float()
 
 
