@@ -39,7 +39,15 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): standard deviation of the CLS and mask token init and of the
             classifier weights of `MACRLForImageClassification`.
         pooling (`str`, defaults to `"cls"`): how `pooler_output` is made from the encoder tokens: `"cls"` (the CLS
-            token) or `"mean"` (mean of the patch tokens). Contrastive features and the classifier use it too.
+            token) or `"mean"` (mean of the patch tokens, registers left out). Contrastive features and the
+            classifier use it too.
+        num_register_tokens (`int`, defaults to 0): learned register tokens (Darcet et al. 2023, "Vision Transformers
+            Need Registers"; timm's `reg_tokens`) the encoder carries beside the CLS token. The token order is timm's:
+            CLS, the registers, then the patches in row-major order; `num_prefix_tokens` (1 + registers) counts the
+            tokens before the patches. Masking never hides them; pooling and the backbone's feature maps leave them
+            out; the decoder carries them and drops them with the CLS token. Like the CLS token's, their positions
+            are zero rows of `pos_embed`, which has one row per prefix token as timm's has (`no_embed_class=False`).
+            0 keeps the layout of earlier checkpoints.
 
     Decoder (MAE's shallow transformer that predicts the pixels of every patch):
         decoder_hidden_size (`int`, defaults to 512): width of the decoder.
@@ -75,7 +83,8 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
             this or `out_features`, or both in agreement. Neither: the last stage.
         apply_layernorm (`bool`, defaults to `True`): pass every feature map through the encoder's final LayerNorm.
         reshape_hidden_states (`bool`, defaults to `True`): return feature maps as `[batch, hidden_size, H/p, W/p]`
-            (patch tokens only); `False` keeps the tokens, `[batch, 1 + num_patches, hidden_size]`, CLS first.
+            (patch tokens only); `False` keeps the tokens, `[batch, num_prefix_tokens + num_patches, hidden_size]`,
+            CLS and registers first.
 
     Every field is validated on construction: a value out of range raises a `ValueError` that names the field, a
     value of the wrong type a `huggingface_hub.errors.StrictDataclassFieldValidationError`.
@@ -105,6 +114,7 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
     drop_path_rate: float | int = 0.0
     initializer_range: float = 0.02
     pooling: Literal["cls", "mean"] | str = "cls"
+    num_register_tokens: int = 0
 
     decoder_hidden_size: int = 512
     decoder_num_hidden_layers: int = 8
@@ -175,7 +185,7 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
         ):
             if getattr(self, field) < 1:
                 fail(field, "must be a positive integer")
-        for field in ("decoder_num_hidden_layers", "queue_size"):
+        for field in ("decoder_num_hidden_layers", "queue_size", "num_register_tokens"):
             if getattr(self, field) < 0:
                 fail(field, "must be zero or a positive integer")
         for field in ("projector_num_layers", "predictor_num_layers"):
@@ -233,6 +243,12 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
     def stage_names(self) -> list[str]:
         """`MACRLBackbone`'s stages: `"stem"` (the embeddings), then `"stage1"` ... `"stageN"`, one per block."""
         return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in every token sequence of the encoder: the CLS token and the registers
+        (timm's `num_prefix_tokens`). Patch `i` (row-major) is token `num_prefix_tokens + i`."""
+        return 1 + self.num_register_tokens
 
     @property
     def num_patches(self) -> int:

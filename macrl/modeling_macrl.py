@@ -8,9 +8,9 @@ Layout of the pre-training model (`MACRLForPreTraining`):
     loss = reconstruction_weight * L1 + contrastive_weight * InfoNCE(q, k)
 
 `MACRLModel` (the encoder users download) keeps timm's `VisionTransformer` state-dict names (`patch_embed.proj`,
-`cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), so its
-`model.safetensors` loads into timm unchanged; that is why it has no `embeddings.` / `encoder.layer.` prefixes like
-transformers' ViT. The blocks are MACRL's own, so attention runs through transformers' attention interface
+`cls_token`, `reg_token` with registers, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`,
+`norm`), so its `model.safetensors` loads into timm unchanged (`timm_layout.timm_vit_kwargs`); that is why it has no
+`embeddings.` / `encoder.layer.` prefixes like transformers' ViT. The blocks are MACRL's own, so attention runs through transformers' attention interface
 (`config._attn_implementation`: eager, sdpa, flex, flash).
 """
 
@@ -64,9 +64,12 @@ class MACRLModelOutput(ModelOutput):
     Output of `MACRLModel`.
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches, hidden_size)`):
-            Normalised tokens of the last encoder block, CLS token first. With masking (`mask_ratio > 0`) the visible
-            patches only, `1 + num_visible_patches` tokens, in the shuffled order `ids_restore` undoes.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_prefix_tokens + num_patches, hidden_size)`):
+            Normalised tokens of the last encoder block in timm's order: the CLS token, the
+            `config.num_register_tokens` registers, then the patches in row-major order (`config.num_prefix_tokens`
+            is 1 + registers; without registers, CLS first and the patches). With masking (`mask_ratio > 0`) the
+            visible patches only, `num_prefix_tokens + num_visible_patches` tokens, in the shuffled order that
+            `ids_restore` undoes.
         pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
             The image feature: the CLS token or the mean of the patch tokens, as `config.pooling` says.
         mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*, returned with `mask_ratio > 0`):
@@ -75,10 +78,11 @@ class MACRLModelOutput(ModelOutput):
             Permutation that puts the shuffled patch tokens back in image order.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
             The embeddings and the output of every block (before the final LayerNorm), `num_hidden_layers + 1`
-            tensors of shape `(batch_size, 1 + num_patches, hidden_size)`.
+            tensors of shape `(batch_size, num_prefix_tokens + num_patches, hidden_size)`, tokens in the same order.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             The softmax attention weights of every block, `num_hidden_layers` tensors of shape
-            `(batch_size, num_attention_heads, 1 + num_patches, 1 + num_patches)`.
+            `(batch_size, num_attention_heads, T, T)` with `T = num_prefix_tokens + num_patches`: the CLS token's
+            attention over the patches is `attentions[k][:, :, 0, num_prefix_tokens:]`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -147,11 +151,11 @@ class MACRLForPreTrainingOutput(ModelOutput):
             Pooled encoder feature of the (masked) strong view.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
             The main encoder's embeddings and block outputs on the strong view's visible patches, as ViTMAE returns
-            them: `num_hidden_layers + 1` tensors of shape `(batch_size, 1 + num_visible_patches, hidden_size)`, with
-            `num_visible_patches = int(num_patches * (1 - mask_ratio))`.
+            them: `num_hidden_layers + 1` tensors of shape `(batch_size, T, hidden_size)`, with
+            `T = num_prefix_tokens + num_visible_patches`, `num_visible_patches = int(num_patches * (1 - mask_ratio))`.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             The main encoder's attention weights on the same tokens, `num_hidden_layers` tensors of shape
-            `(batch_size, num_attention_heads, 1 + num_visible_patches, 1 + num_visible_patches)`.
+            `(batch_size, num_attention_heads, T, T)`, `T = num_prefix_tokens + num_visible_patches`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -165,16 +169,18 @@ class MACRLForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos positions with a zero row for the CLS token: `[1, 1 + grid_size**2, dim]`, in torch's
-    default dtype (the dtype a model is being built in) and on its default device (`torch.device("meta")` included)."""
-    pos_embed = build_2d_sinusoidal_position_embedding(
-        grid_size, grid_size, embed_dim=dim, cls_token=True, dtype=torch.get_default_dtype()
-    )
+def sincos_position_embedding(grid_size: int, dim: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Fixed 2D sin-cos positions with zero rows for the prefix tokens (CLS, registers):
+    `[1, num_prefix_tokens + grid_size**2, dim]`, in torch's default dtype (the dtype a model is being built in) and on
+    its default device (`torch.device("meta")` included)."""
+    dtype = torch.get_default_dtype()
+    pos_embed = build_2d_sinusoidal_position_embedding(grid_size, grid_size, embed_dim=dim, dtype=dtype)
     # MAE's reference code (and every released MAE/ViTMAE checkpoint) lays the halves out as [w | h]; follow it so
     # converted and freshly initialised models agree.
     half = dim // 2
-    return torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1).unsqueeze(0)
+    pos_embed = torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1)  # [L, D]
+    prefix = pos_embed.new_zeros(num_prefix_tokens, dim)
+    return torch.cat([prefix, pos_embed]).unsqueeze(0)
 
 
 def initial_queue(size: int, dim: int) -> torch.Tensor:
@@ -188,13 +194,13 @@ def initial_queue(size: int, dim: int) -> torch.Tensor:
     return F.normalize(keys, dim=1).to(torch.get_default_device())
 
 
-def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
-    """`[N, 1 + L, D]` -> `[N, D]`: `cls` the CLS token, `mean` the mean of the patch tokens, CLS excluded (timm's
-    `global_pool='avg'`)."""
+def pool_tokens(tokens: torch.Tensor, pooling: str, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """`[N, num_prefix_tokens + L, D]` -> `[N, D]`: `cls` the CLS token (the first), `mean` the mean of the patch
+    tokens, the CLS token and registers left out (timm's `global_pool='avg'`)."""
     if pooling == "cls":
         return tokens[:, 0]
     if pooling == "mean":
-        return tokens[:, 1:].mean(dim=1)
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
     raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
@@ -329,8 +335,9 @@ class MACRLDecoder(nn.Module):
         dim = config.decoder_hidden_size
         self.decoder_embed = nn.Linear(config.hidden_size, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.num_prefix_tokens = config.num_prefix_tokens  # the encoder's CLS token and registers, carried through
         grid = config.image_size // config.patch_size
-        self.register_buffer("decoder_pos_embed", sincos_position_embedding(grid, dim))
+        self.register_buffer("decoder_pos_embed", sincos_position_embedding(grid, dim, config.num_prefix_tokens))
         self.decoder_blocks = nn.ModuleList(
             [
                 MACRLBlock(config, dim, config.decoder_num_attention_heads, config.decoder_intermediate_size)
@@ -341,25 +348,28 @@ class MACRLDecoder(nn.Module):
         self.decoder_pred = nn.Linear(dim, config.patch_size**2 * config.num_channels)
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """`latent` `[B, 1 + L_visible, D]`, `ids_restore` `[B, L]` -> predicted pixels `[B, L, p*p*C]`."""
-        x = self.decoder_embed(latent.to(self.decoder_embed.weight.dtype))  # [B, 1 + L_vis, Dd]
+        """`latent` `[B, P + L_visible, D]` (P prefix tokens: CLS, registers), `ids_restore` `[B, L]` -> predicted
+        pixels `[B, L, p*p*C]`."""
+        prefix = self.num_prefix_tokens
+        x = self.decoder_embed(latent.to(self.decoder_embed.weight.dtype))  # [B, P + L_vis, Dd]
         batch_size, num_patches = ids_restore.shape
-        mask_tokens = self.mask_token.expand(batch_size, num_patches + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [B, L, Dd], visible first
+        mask_tokens = self.mask_token.expand(batch_size, prefix + num_patches - x.shape[1], -1)
+        patches = torch.cat([x[:, prefix:], mask_tokens], dim=1)  # [B, L, Dd], visible first
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # image order
-        x = torch.cat([x[:, :1], patches], dim=1)  # [B, 1 + L, Dd]
+        x = torch.cat([x[:, :prefix], patches], dim=1)  # [B, P + L, Dd]
         x = x + self._position_embedding(num_patches)
         for block in self.decoder_blocks:
             x = block(x)
         # in the norm's dtype: float32 in a half-precision model (`_keep_in_fp32_modules_strict`)
         x = self.decoder_norm(x.to(self.decoder_norm.weight.dtype))
-        return self.decoder_pred(x.to(self.decoder_pred.weight.dtype))[:, 1:]  # [B, L, p*p*C], CLS dropped
+        return self.decoder_pred(x.to(self.decoder_pred.weight.dtype))[:, prefix:]  # [B, L, p*p*C], prefix dropped
 
     def _position_embedding(self, num_patches: int) -> torch.Tensor:
-        if num_patches + 1 == self.decoder_pos_embed.shape[1]:
+        if self.num_prefix_tokens + num_patches == self.decoder_pos_embed.shape[1]:
             return self.decoder_pos_embed
         grid = math.isqrt(num_patches)
-        return resample_abs_pos_embed(self.decoder_pos_embed, [grid, grid], num_prefix_tokens=1)
+        prefix = self.num_prefix_tokens
+        return resample_abs_pos_embed(self.decoder_pos_embed, [grid, grid], num_prefix_tokens=prefix)
 
 
 class MACRLProjectionHead(nn.Sequential):
@@ -458,12 +468,15 @@ class MACRLPreTrainedModel(PreTrainedModel):
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
         elif isinstance(module, MACRLModel):
-            grid = self.config.image_size // self.config.patch_size
-            init.copy_(module.pos_embed, sincos_position_embedding(grid, self.config.hidden_size))
+            grid, prefix = self.config.image_size // self.config.patch_size, self.config.num_prefix_tokens
+            init.copy_(module.pos_embed, sincos_position_embedding(grid, self.config.hidden_size, prefix))
             init.normal_(module.cls_token, std=std)
+            if module.reg_token is not None:
+                init.normal_(module.reg_token, std=std)
         elif isinstance(module, MACRLDecoder):
-            grid = self.config.image_size // self.config.patch_size
-            init.copy_(module.decoder_pos_embed, sincos_position_embedding(grid, self.config.decoder_hidden_size))
+            grid, prefix = self.config.image_size // self.config.patch_size, self.config.num_prefix_tokens
+            positions = sincos_position_embedding(grid, self.config.decoder_hidden_size, prefix)
+            init.copy_(module.decoder_pos_embed, positions)
             init.normal_(module.mask_token, std=std)
         elif isinstance(module, MACRLForPreTraining) and self.config.queue_size > 0:
             init.copy_(module.queue, initial_queue(self.config.queue_size, self.config.projection_dim))
@@ -478,9 +491,12 @@ class MACRLModel(MACRLPreTrainedModel):
         super().__init__(config)
         self.patch_embed = MACRLPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        # fixed (not learned) 2D sin-cos positions, as in MAE
+        registers = config.num_register_tokens
+        self.reg_token = nn.Parameter(torch.zeros(1, registers, config.hidden_size)) if registers else None
+        # fixed (not learned) 2D sin-cos positions, as in MAE; zero rows for the CLS token and the registers
         grid = config.image_size // config.patch_size
-        self.register_buffer("pos_embed", sincos_position_embedding(grid, config.hidden_size))
+        positions = sincos_position_embedding(grid, config.hidden_size, config.num_prefix_tokens)
+        self.register_buffer("pos_embed", positions)
         self.blocks = MACRLEncoder(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -558,8 +574,8 @@ class MACRLModel(MACRLPreTrainedModel):
         return x_visible, mask, ids_restore
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`[N, 1 + L, D]` -> `[N, D]` with the config's pooling (`pool_tokens`)."""
-        return pool_tokens(tokens, self.config.pooling)
+        """`[N, num_prefix_tokens + L, D]` -> `[N, D]` with the config's pooling (`pool_tokens`)."""
+        return pool_tokens(tokens, self.config.pooling, self.config.num_prefix_tokens)
 
     @capture_outputs(tie_last_hidden_states=False)  # hidden_states end with the last block's output, before `norm`
     def forward(
@@ -589,26 +605,29 @@ class MACRLModel(MACRLPreTrainedModel):
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        prefix = self.config.num_prefix_tokens  # P: the CLS token and the registers
         x = self.patch_embed(pixel_values)  # [N, L, D]
-        pos_embed = self._position_embedding(pixel_values.shape[2:], interpolate_pos_encoding)
-        x = x + pos_embed[:, 1:]
+        pos_embed = self._position_embedding(pixel_values.shape[2:], interpolate_pos_encoding)  # [1, P + L, D]
+        x = x + pos_embed[:, prefix:]
         mask = ids_restore = None
-        if mask_ratio > 0:
+        if mask_ratio > 0:  # the patches only: the prefix tokens are never hidden
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, L_keep, D]
-        cls_tokens = (self.cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls_tokens, x], dim=1)  # [N, 1 + L_keep, D]
+        prefix_tokens = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], 1)
+        prefix_tokens = (prefix_tokens + pos_embed[:, :prefix]).expand(x.shape[0], -1, -1)  # [N, P, D]
+        x = torch.cat([prefix_tokens, x], dim=1)  # [N, P + L_keep, D], timm's order: CLS, registers, patches
         x = self.blocks(x, **kwargs)
         # in the norm's dtype: float32 in a half-precision model (`_keep_in_fp32_modules_strict`)
-        tokens = self.norm(x.to(self.norm.weight.dtype))  # [N, 1 + L_keep, D]
+        tokens = self.norm(x.to(self.norm.weight.dtype))  # [N, P + L_keep, D]
         return MACRLModelOutput(
             last_hidden_state=tokens, pooler_output=self.pool(tokens), mask=mask, ids_restore=ids_restore
         )
 
     def _position_embedding(self, image_hw: torch.Size, interpolate: bool) -> torch.Tensor:
         grid = [size // self.config.patch_size for size in image_hw]
-        if not interpolate or grid[0] * grid[1] + 1 == self.pos_embed.shape[1] and grid[0] == grid[1]:
+        prefix = self.config.num_prefix_tokens
+        if not interpolate or grid[0] * grid[1] + prefix == self.pos_embed.shape[1] and grid[0] == grid[1]:
             return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=1)
+        return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=prefix)
 
 
 class MACRLForPreTraining(MACRLPreTrainedModel):
@@ -760,11 +779,11 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        tokens, mask, ids_restore = encoded.last_hidden_state, encoded.mask, encoded.ids_restore  # [N, 1 + L_keep, D]
+        tokens, mask, ids_restore = encoded.last_hidden_state, encoded.mask, encoded.ids_restore  # [N, P + L_keep, D]
         logits = reconstruction_loss = query = None
         if self.config.reconstruction_weight > 0:
             if ids_restore is None:  # nothing hidden: the decoder sees every token in image order
-                num_patches = tokens.shape[1] - 1
+                num_patches = tokens.shape[1] - self.config.num_prefix_tokens
                 ids_restore = torch.arange(num_patches, device=tokens.device).expand(tokens.shape[0], -1)
             logits = self.decoder(tokens, ids_restore)  # [N, L, p*p*C]
             reconstruction_loss = self.forward_loss(pixel_values, logits, mask)
@@ -913,7 +932,9 @@ class MACRLForImageClassification(MACRLPreTrainedModel):
                 Class indices in `[0, num_labels)`; with them the output holds the cross-entropy loss (MSE if
                 `num_labels == 1`, BCE for multi-label `problem_type`).
         """
-        outputs = self.macrl(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs)
+        outputs = self.macrl(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
         logits = self.classifier(outputs.pooler_output.to(self.classifier.weight.dtype))  # [N, num_labels]
         loss = None
         if labels is not None:

@@ -41,8 +41,8 @@ class MACRLBackbone(BackboneMixin, MACRLModel):
                 Resample the position embedding for images of another size than `config.image_size`, as dense heads
                 feed them (Dinov2's backbone always does); `False` insists on `config.image_size`.
             output_hidden_states (`bool`, *optional*):
-                Also return the embeddings and the output of every block, `(batch_size, 1 + num_patches, hidden_size)`
-                each.
+                Also return the embeddings and the output of every block,
+                `(batch_size, num_prefix_tokens + num_patches, hidden_size)` each (CLS, registers, patches).
             output_attentions (`bool`, *optional*):
                 Also return the attention weights of every block (computed eagerly for that call).
 
@@ -52,7 +52,7 @@ class MACRLBackbone(BackboneMixin, MACRLModel):
         encoded = MACRLModel.forward(
             self, pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )
-        hidden_states = encoded.hidden_states  # stem + one per block, each [N, 1 + L, D]
+        hidden_states = encoded.hidden_states  # stem + one per block, each [N, P + L, D]
         batch_size, _, height, width = pixel_values.shape
         patch_size = self.config.patch_size
         feature_maps = ()
@@ -63,7 +63,7 @@ class MACRLBackbone(BackboneMixin, MACRLModel):
                 # the model's own dtype for a dense head, though the final norm computes in float32
                 hidden_state = self.norm(hidden_state.to(self.norm.weight.dtype)).to(hidden_state.dtype)
             if self.config.reshape_hidden_states:
-                patches = hidden_state[:, 1:]  # [N, L, D], CLS dropped
+                patches = hidden_state[:, self.config.num_prefix_tokens :]  # [N, L, D], CLS and registers dropped
                 hidden_state = patches.reshape(batch_size, height // patch_size, width // patch_size, -1)
                 hidden_state = hidden_state.permute(0, 3, 1, 2).contiguous()  # [N, D, H/p, W/p]
             feature_maps += (hidden_state,)

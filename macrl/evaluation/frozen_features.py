@@ -38,7 +38,7 @@ class _PooledTokens(nn.Module):
     """Wraps an encoder so that its ``last_hidden_state`` is ``[B, P, D]``: one row per requested pooling.
 
     ``extract_features(..., pool="none")`` then returns every pooling from a single forward pass, while keeping
-    only ``P`` vectors per image in memory instead of all ``1 + L`` tokens.
+    only ``P`` vectors per image in memory instead of all ``num_prefix_tokens + L`` tokens.
     """
 
     def __init__(self, encoder: nn.Module, pools: Sequence[str]) -> None:
@@ -48,8 +48,8 @@ class _PooledTokens(nn.Module):
         self.config = getattr(encoder, "config", None)
 
     def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
-        tokens = self.encoder(pixel_values=pixel_values).last_hidden_state.float()  # [B, 1 + L, D]
-        pooled = [pool_tokens(tokens, pool) for pool in self.pools]
+        tokens = self.encoder(pixel_values=pixel_values).last_hidden_state.float()  # [B, prefix + L, D]
+        pooled = [pool_tokens(tokens, pool, getattr(self.config, "num_prefix_tokens", 1)) for pool in self.pools]
         return SimpleNamespace(last_hidden_state=torch.stack(pooled, dim=1))  # [B, P, D]
 
 
