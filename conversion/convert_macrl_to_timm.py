@@ -57,6 +57,7 @@ from .common import (
     load_processor,
     load_state_dict,
     log,
+    mark_position_embedding_type,
     random_pixels,
     rename_keys,
     run_cli,
@@ -387,6 +388,7 @@ def timm_to_macrl(
     check_keys(renamed, model.state_dict(), source=f"timm {architecture} as MACRLModel", hint=HINT)
     model.load_state_dict(renamed, strict=True)
     model.eval()
+    mark_position_embedding_type(model, overrides)
     log(f"comparing with timm {architecture}")
     compare_features(model, timm_model, atol=atol, rtol=rtol, seed=seed)
     if output_dir is not None:

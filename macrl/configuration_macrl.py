@@ -9,6 +9,7 @@ from transformers.backbone_utils import BackboneConfigMixin
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 POOLINGS = ("cls", "mean")
+POSITION_EMBEDDING_TYPES = ("sincos", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
 
@@ -22,7 +23,8 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
     `macrl.presets` hold smaller, tested configurations.
 
     Encoder (a timm `VisionTransformer` with fixed 2D sin-cos positions):
-        image_size (`int`, defaults to 224): height and width of the input images.
+        image_size (`int`, defaults to 224): height and width of the input images (with
+            `interpolate_pos_encoding=True` the models take any multiple of `patch_size`, non-square too).
         patch_size (`int`, defaults to 16): height and width of a patch; must divide `image_size`.
         num_channels (`int`, defaults to 3): input channels (1 for grayscale data such as Fashion-MNIST).
         hidden_size (`int`, defaults to 768): width of the encoder.
@@ -48,6 +50,14 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
             out; the decoder carries them and drops them with the CLS token. Like the CLS token's, their positions
             are zero rows of `pos_embed`, which has one row per prefix token as timm's has (`no_embed_class=False`).
             0 keeps the layout of earlier checkpoints.
+        position_embedding_type (`str`, defaults to `"sincos"`): what the stored position tables (`pos_embed`, the
+            decoder's `decoder_pos_embed`) are. `"sincos"`: MAE's fixed 2D sin-cos, a function of each patch's row
+            and column, so at another image size (`interpolate_pos_encoding=True`) the models compute them for the
+            actual grid, exactly: a model run at twice its `image_size` equals one built at that size; the stored
+            tables are the `image_size` ones (what timm loads). `"learned"`: tables from elsewhere (converted from a
+            checkpoint whose positions are not that sin-cos, e.g. a timm ViT's learned ones), used as stored at
+            `image_size` and resampled bicubically (timm's `resample_abs_pos_embed`) at other sizes. The converters
+            set it; a folder that says `"sincos"` but stores other positions loads as `"learned"`, with a warning.
 
     Decoder (MAE's shallow transformer that predicts the pixels of every patch):
         decoder_hidden_size (`int`, defaults to 512): width of the decoder.
@@ -115,6 +125,7 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
     initializer_range: float = 0.02
     pooling: Literal["cls", "mean"] | str = "cls"
     num_register_tokens: int = 0
+    position_embedding_type: Literal["sincos", "learned"] | str = "sincos"
 
     decoder_hidden_size: int = 512
     decoder_num_hidden_layers: int = 8
@@ -229,6 +240,8 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
             fail("reconstruction_loss", f"must be one of {RECONSTRUCTION_LOSSES}")
         if self.pooling not in POOLINGS:
             fail("pooling", f"must be one of {POOLINGS}")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            fail("position_embedding_type", f"must be one of {POSITION_EMBEDDING_TYPES}")
         if self.hidden_act not in ACTIVATIONS:
             fail("hidden_act", f"must be one of {ACTIVATIONS}")
 

@@ -117,6 +117,13 @@ def _encoder_facts(config: MACRLConfig) -> dict:
         "hidden_act": config.hidden_act,
         "parameters": _parameter_count_text(encoder_parameter_count(config)),
         "pooling": pooling,
+        "num_register_tokens": config.num_register_tokens,
+        "positions": "fixed 2D sin-cos" if config.position_embedding_type == "sincos" else "learned (converted)",
+        "other_sizes": (
+            "computes the fixed sin-cos positions for their grid"
+            if config.position_embedding_type == "sincos"
+            else "resamples the learned positions bicubically"
+        ),
     }
 
 

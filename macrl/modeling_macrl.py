@@ -14,6 +14,7 @@ Layout of the pre-training model (`MACRLForPreTraining`):
 (`config._attn_implementation`: eager, sdpa, flex, flash).
 """
 
+import logging
 import math
 import os
 import shutil
@@ -41,6 +42,8 @@ from transformers.utils.output_capturing import capture_outputs, maybe_install_c
 from .configuration_macrl import MACRLConfig
 from .contrastive_loss import info_nce_loss
 from .distributed import GlobalBatchNorm1d, concat_all_gather
+
+logger = logging.getLogger(__name__)
 
 # what a saved folder's code can build, whichever class saved it (transformers only lists the saving class)
 _AUTO_MAP = {
@@ -169,18 +172,49 @@ class MACRLForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def sincos_position_embedding(grid_size: int, dim: int, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Fixed 2D sin-cos positions with zero rows for the prefix tokens (CLS, registers):
-    `[1, num_prefix_tokens + grid_size**2, dim]`, in torch's default dtype (the dtype a model is being built in) and on
-    its default device (`torch.device("meta")` included)."""
-    dtype = torch.get_default_dtype()
-    pos_embed = build_2d_sinusoidal_position_embedding(grid_size, grid_size, embed_dim=dim, dtype=dtype)
+def sincos_position_embedding(
+    grid_size: int | tuple[int, int],
+    dim: int,
+    num_prefix_tokens: int = 1,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """MAE's fixed 2D sin-cos positions for a `grid_height x grid_width` patch grid (an int: a square one), with zero
+    rows for the prefix tokens (CLS, registers): `[1, num_prefix_tokens + grid_height * grid_width, dim]`.
+
+    Patch (r, c) of the row-major grid gets `[sin-cos of c | sin-cos of r]`, a function of its row and column alone, so
+    every grid is exact, a non-square one included. Made in `dtype` (default: torch's default dtype, the one a model is
+    being built in) on `device` (default: torch's default device, `torch.device("meta")` included); the grid sizes may
+    be symbolic (`torch.export` with dynamic height and width).
+    """
+    height, width = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    dtype = dtype if dtype is not None else torch.get_default_dtype()
+    pos_embed = build_2d_sinusoidal_position_embedding(height, width, embed_dim=dim, device=device, dtype=dtype)
     # MAE's reference code (and every released MAE/ViTMAE checkpoint) lays the halves out as [w | h]; follow it so
     # converted and freshly initialised models agree.
     half = dim // 2
-    pos_embed = torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1)  # [L, D]
+    pos_embed = torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1)  # [H*W, D]
     prefix = pos_embed.new_zeros(num_prefix_tokens, dim)
     return torch.cat([prefix, pos_embed]).unsqueeze(0)
+
+
+def positions_for_grid(table: torch.Tensor, grid_size: tuple[int, int], config: MACRLConfig) -> torch.Tensor:
+    """The positions `[1, P + H*W, D]` of an `H x W` patch grid, from `table`, the stored `[1, P + g*g, D]` positions of
+    the config's `g x g` grid (P prefix tokens).
+
+    With `config.position_embedding_type == "sincos"` they are computed for the grid (`sincos_position_embedding`),
+    exact at every size and free of any branch on the sizes, so a model traces with dynamic height and width; with
+    `"learned"` the table is used as stored on its own grid and resampled bicubically on others (timm's
+    `resample_abs_pos_embed`, as transformers' ViTs and timm interpolate).
+    """
+    prefix = config.num_prefix_tokens
+    if config.position_embedding_type == "sincos":
+        return sincos_position_embedding(grid_size, table.shape[-1], prefix, device=table.device, dtype=table.dtype)
+    native = config.image_size // config.patch_size
+    if tuple(grid_size) == (native, native):
+        return table
+    return resample_abs_pos_embed(table, list(grid_size), num_prefix_tokens=prefix)
 
 
 def initial_queue(size: int, dim: int) -> torch.Tensor:
@@ -332,6 +366,7 @@ class MACRLDecoder(nn.Module):
 
     def __init__(self, config: MACRLConfig):
         super().__init__()
+        self.config = config
         dim = config.decoder_hidden_size
         self.decoder_embed = nn.Linear(config.hidden_size, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -347,9 +382,12 @@ class MACRLDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.decoder_pred = nn.Linear(dim, config.patch_size**2 * config.num_channels)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """`latent` `[B, P + L_visible, D]` (P prefix tokens: CLS, registers), `ids_restore` `[B, L]` -> predicted
-        pixels `[B, L, p*p*C]`."""
+        pixels `[B, L, p*p*C]`. `grid_size`: the `(H/p, W/p)` patch grid of an image of another size than the
+        config's (`interpolate_pos_encoding`); `None`, the config's grid."""
         prefix = self.num_prefix_tokens
         x = self.decoder_embed(latent.to(self.decoder_embed.weight.dtype))  # [B, P + L_vis, Dd]
         batch_size, num_patches = ids_restore.shape
@@ -357,19 +395,16 @@ class MACRLDecoder(nn.Module):
         patches = torch.cat([x[:, prefix:], mask_tokens], dim=1)  # [B, L, Dd], visible first
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # image order
         x = torch.cat([x[:, :prefix], patches], dim=1)  # [B, P + L, Dd]
-        x = x + self._position_embedding(num_patches)
+        positions = self.decoder_pos_embed
+        if grid_size is not None:
+            positions = positions_for_grid(positions, grid_size, self.config)
+        x = x + positions
         for block in self.decoder_blocks:
             x = block(x)
         # in the norm's dtype: float32 in a half-precision model (`_keep_in_fp32_modules_strict`)
         x = self.decoder_norm(x.to(self.decoder_norm.weight.dtype))
         return self.decoder_pred(x.to(self.decoder_pred.weight.dtype))[:, prefix:]  # [B, L, p*p*C], prefix dropped
 
-    def _position_embedding(self, num_patches: int) -> torch.Tensor:
-        if self.num_prefix_tokens + num_patches == self.decoder_pos_embed.shape[1]:
-            return self.decoder_pos_embed
-        grid = math.isqrt(num_patches)
-        prefix = self.num_prefix_tokens
-        return resample_abs_pos_embed(self.decoder_pos_embed, [grid, grid], num_prefix_tokens=prefix)
 
 
 class MACRLProjectionHead(nn.Sequential):
@@ -440,6 +475,36 @@ class MACRLPreTrainedModel(PreTrainedModel):
             from .image_processing_macrl import leave_class_to_auto_map
 
             leave_class_to_auto_map(Path(save_directory) / "preprocessor_config.json")  # saved before the model
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a folder whose config says `position_embedding_type="sincos"` but whose
+        stored positions are something else (converted before the converters set that field) is read as `"learned"`,
+        with a warning: its positions are then used as stored, and resampled at other image sizes."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if model.config.position_embedding_type == "sincos" and not model.stored_positions_are_sincos():
+            logger.warning(
+                "%s: the stored position embedding is not MAE's fixed 2D sin-cos; it is used as stored "
+                "(position_embedding_type='learned')",
+                args[0] if args else kwargs.get("pretrained_model_name_or_path"),
+            )
+            model.config.position_embedding_type = "learned"
+        return (model, loading_info) if output_loading_info else model
+
+    def stored_positions_are_sincos(self) -> bool:
+        """Whether every stored position table (`pos_embed`, `decoder_pos_embed`) holds MAE's fixed sin-cos of the
+        config's grid, as `position_embedding_type="sincos"` says (within the rounding of the table's dtype)."""
+        config = self.config
+        grid = config.image_size // config.patch_size
+        for name, table in self.named_buffers():
+            if not name.endswith("pos_embed") or table.is_meta:  # (offloaded buffers are not checked)
+                continue
+            expected = sincos_position_embedding(grid, table.shape[-1], config.num_prefix_tokens, device=table.device)
+            atol = max(1e-5, torch.finfo(table.dtype).eps)
+            if table.shape != expected.shape or not torch.allclose(table.float(), expected.float(), atol=atol):
+                return False
+        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         """MAE's initialisation, leaf by leaf (transformers initialises each module that owns tensors, and a checkpoint
@@ -591,7 +656,8 @@ class MACRLModel(MACRLPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
                 Normalised pixels, e.g. from `MACRLImageProcessor`.
             interpolate_pos_encoding (`bool`, defaults to `False`):
-                Resample the position embedding to accept images of another size (a multiple of the patch size).
+                Accept images of any size that is a multiple of the patch size, non-square too: the positions are
+                computed for their grid (`config.position_embedding_type="sincos"`, exact) or resampled (`"learned"`).
             mask_ratio (`float`, defaults to 0.0):
                 Fraction of the patches to hide before the blocks (MAE's random masking, for pre-training); the
                 output then holds the visible tokens, `mask` and `ids_restore`.
@@ -623,11 +689,12 @@ class MACRLModel(MACRLPreTrainedModel):
         )
 
     def _position_embedding(self, image_hw: torch.Size, interpolate: bool) -> torch.Tensor:
-        grid = [size // self.config.patch_size for size in image_hw]
-        prefix = self.config.num_prefix_tokens
-        if not interpolate or grid[0] * grid[1] + prefix == self.pos_embed.shape[1] and grid[0] == grid[1]:
+        """`[1, P + L, D]`: the stored table for an image of the config's size (`check_pixel_values` made sure of it),
+        else the positions of its grid (`positions_for_grid`)."""
+        if not interpolate:
             return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=prefix)
+        grid = (image_hw[0] // self.config.patch_size, image_hw[1] // self.config.patch_size)
+        return positions_for_grid(self.pos_embed, grid, self.config)
 
 
 class MACRLForPreTraining(MACRLPreTrainedModel):
@@ -785,7 +852,10 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
             if ids_restore is None:  # nothing hidden: the decoder sees every token in image order
                 num_patches = tokens.shape[1] - self.config.num_prefix_tokens
                 ids_restore = torch.arange(num_patches, device=tokens.device).expand(tokens.shape[0], -1)
-            logits = self.decoder(tokens, ids_restore)  # [N, L, p*p*C]
+            grid = None  # the config's, unless the images may have another size
+            if interpolate_pos_encoding:
+                grid = (pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size)
+            logits = self.decoder(tokens, ids_restore, grid)  # [N, L, p*p*C]
             reconstruction_loss = self.forward_loss(pixel_values, logits, mask)
         if self.config.contrastive_weight > 0:
             query = self.predictor(self.projector(encoded.pooler_output))  # [N, P]
@@ -846,7 +916,8 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
                 Masking noise: the patches with the smallest noise stay visible. Fixes the mask for reproducibility.
                 With `symmetric_loss`, the weak view's mask in the main branch uses `1 - noise`.
             interpolate_pos_encoding (`bool`, defaults to `False`):
-                Accept images whose size differs from `config.image_size`.
+                Accept images whose size differs from `config.image_size` (a multiple of the patch size, non-square
+                too); the encoder's and the decoder's positions follow their grid.
             output_hidden_states (`bool`, *optional*):
                 Also return the main encoder's hidden states on the strong view (its visible patches).
             output_attentions (`bool`, *optional*):

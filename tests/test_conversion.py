@@ -309,6 +309,25 @@ def test_mae_original_round_trip(tmp_path, tiny_config):
         assert torch.equal(encoder(pixels).last_hidden_state, source.macrl(pixels).last_hidden_state)
 
 
+def test_converters_say_whether_the_positions_are_the_fixed_sincos(tmp_path, tiny_config):
+    """MAE's checkpoints store its fixed sin-cos: the converted model computes it for every image size
+    (`position_embedding_type="sincos"`); other stored positions are kept and resampled (`"learned"`), unless
+    `--set` says otherwise."""
+    from macrl import MACRLForPreTraining
+
+    torch.manual_seed(0)
+    source = MACRLForPreTraining(tiny_config())
+    mae_checkpoint(source, tmp_path / "mae.pth", decoder=False)
+    convert = dict(encoder_only=True, num_attention_heads=2)
+    assert convert_mae_original(tmp_path / "mae.pth", None, **convert).config.position_embedding_type == "sincos"
+    with torch.no_grad():
+        source.macrl.pos_embed.add_(0.01)
+    mae_checkpoint(source, tmp_path / "mae.pth", decoder=False)
+    assert convert_mae_original(tmp_path / "mae.pth", None, **convert).config.position_embedding_type == "learned"
+    forced = convert_mae_original(tmp_path / "mae.pth", None, **convert, overrides={"position_embedding_type": "sincos"})
+    assert forced.config.position_embedding_type == "sincos"
+
+
 def test_mae_original_with_mismatched_keys_raises(tmp_path, tiny_config):
     source = make_macrl(tiny_config())
     state_dict = mae_checkpoint(source, tmp_path / "mae.pth")
@@ -477,6 +496,7 @@ def test_timm_reverse_from_bare_weights_and_incompatible_models(tmp_path):
     timm_to_macrl(tmp_path / "vit.safetensors", tmp_path / "macrl", num_attention_heads=4)
     model = MACRLModel.from_pretrained(tmp_path / "macrl").eval()
     assert (model.config.image_size, model.config.patch_size, model.config.num_attention_heads) == (32, 8, 4)
+    assert model.config.position_embedding_type == "learned"  # a timm ViT's positions: resampled at other sizes
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(pixels).last_hidden_state, vit.forward_features(pixels))
