@@ -523,6 +523,16 @@ def run_cli(convert, parser: argparse.ArgumentParser, argv: Sequence[str] | None
     return run_command(parser.prog, parser, run, argv)
 
 
+def mark_position_embedding_type(model, overrides: Mapping[str, Any] | None = None) -> None:
+    """Set `model.config.position_embedding_type` from the position tables the converted weights brought: `"sincos"`
+    when they are MAE's fixed 2D sin-cos (the model then computes them for every image size), else `"learned"` (used
+    as stored, resampled at other sizes). A `--set position_embedding_type=...` is kept as given."""
+    if "position_embedding_type" in (overrides or {}):
+        return
+    model.config.position_embedding_type = "sincos" if model.stored_positions_are_sincos() else "learned"
+    log(f"  position_embedding_type: {model.config.position_embedding_type}")
+
+
 def describe_position_embedding(pos_embed: torch.Tensor, grid_size: int) -> str:
     """Name the layout of a `[1, 1 + grid**2, D]` position embedding (it is always copied as it is)."""
     import torch

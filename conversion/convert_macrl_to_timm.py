@@ -16,14 +16,17 @@ or `timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=dict
 
 MACRLModel keeps timm's parameter names, so the weights are copied unchanged (bit-identical both ways). MACRL's
 `pooling="mean"` (final LayerNorm on every token, then the mean of the patch tokens) is timm's `global_pool="avg"` with
-`fc_norm=False`; `"cls"` is `global_pool="token"`. timm builds its LayerNorms with eps 1e-6 and a config.json cannot
+`fc_norm=False`; `"cls"` is `global_pool="token"`. Register tokens (`num_register_tokens`) are timm's `reg_tokens` with
+`no_embed_class=False`: the same token order (CLS, registers, patches) and a `pos_embed` row for every token (zero
+for the CLS token and the registers). timm builds its LayerNorms with eps 1e-6 and a config.json cannot
 change that, so an encoder with another `layer_norm_eps` (e.g. converted from ViTMAE, 1e-12) exports with a warning
 and its features are compared within the tolerance.
 
 `--reverse` reads a timm folder (config.json + model.safetensors, or pytorch_model.bin loaded with weights_only), a
 Hub id (`hf-hub:` optional), or a bare weights file (sizes from the shapes, heads from `--num-attention-heads` or the
-width); a classifier `head.*` is dropped. Layer scale, q/k norms, register tokens, `fc_norm`, pre-norm, attention
-pooling and the like have no MACRL equivalent and fail with the differing keys listed. Checks (both directions):
+width); a classifier `head.*` is dropped. Layer scale, q/k norms, `fc_norm`, pre-norm, attention pooling, positions
+for the patches only (`no_embed_class=True`) and the like have no MACRL equivalent and fail with the differing keys
+listed or a line that names them. Checks (both directions):
 timm's `forward_features` equals MACRL's `last_hidden_state` and timm's pooled output MACRL's `pooler_output`.
 """
 
@@ -54,6 +57,7 @@ from .common import (
     load_processor,
     load_state_dict,
     log,
+    mark_position_embedding_type,
     random_pixels,
     rename_keys,
     run_cli,
@@ -76,8 +80,9 @@ _FOREIGN_CFG_KEYS = (
     "notes", "origin_url", "description", "label_names", "label_descriptions", "test_input_size", "test_crop_pct",
 )  # fmt: skip
 HINT = (
-    "MACRLModel is a plain pre-norm ViT with a class token, absolute positions for it and the patches, and a final "
-    "LayerNorm before pooling: no layer scale, q/k norm, register tokens, fc_norm, pre-norm or attention pooling"
+    "MACRLModel is a plain pre-norm ViT with a class token, optional register tokens, absolute positions for them "
+    "and the patches, and a final LayerNorm before pooling: no layer scale, q/k norm, fc_norm, pre-norm or attention "
+    "pooling"
 )
 
 
@@ -240,15 +245,20 @@ def resolve_timm_source(source: str, revision: str | None = None) -> tuple[dict 
 
 
 def infer_timm_args(state_dict: dict, num_attention_heads: int | None = None) -> dict[str, Any]:
-    """`timm.create_model` arguments read from the shapes of a bare ViT state dict (class token, square grid)."""
+    """`timm.create_model` arguments read from the shapes of a bare ViT state dict (class token, optional register
+    tokens, a position for each token, square grid)."""
     for key in ("patch_embed.proj.weight", "pos_embed", "cls_token", "blocks.0.mlp.fc1.weight"):
         if key not in state_dict:
             raise KeyMismatchError("timm ViT weights", missing=[key], hint=HINT)
     width, channels, patch = state_dict["patch_embed.proj.weight"].shape[:3]
-    num_positions = state_dict["pos_embed"].shape[1] - 1
+    registers = state_dict["reg_token"].shape[1] if "reg_token" in state_dict else 0
+    num_positions = state_dict["pos_embed"].shape[1] - 1 - registers
     grid = int(round(num_positions**0.5))
     if grid * grid != num_positions:
-        raise ValueError(f"pos_embed holds {num_positions} patch positions: not a square grid with a class token")
+        raise ValueError(
+            f"pos_embed holds {num_positions} patch positions: not a square grid with a class token"
+            + (f" and {registers} registers" if registers else "")
+        )
     depth = len({m.group(1) for key in state_dict if (m := re.match(r"blocks\.(\d+)\.", key))})
     return dict(
         img_size=grid * patch,
@@ -261,6 +271,7 @@ def infer_timm_args(state_dict: dict, num_attention_heads: int | None = None) ->
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
         class_token=True,
         global_pool="token",
+        **({"reg_tokens": registers} if registers else {}),
     )
 
 
@@ -292,6 +303,11 @@ def macrl_fields_from_timm(model) -> dict[str, Any]:
     # next); pooling without parameters has to be named here
     if model.global_pool in ("avgmax", "max"):
         raise ValueError(f"timm global_pool={model.global_pool!r} has no MACRL pooling ('token' or 'avg')")
+    if model.no_embed_class and model.num_prefix_tokens:
+        raise ValueError(
+            "timm no_embed_class=True (positions for the patches only) has no MACRL layout: MACRL's pos_embed has a "
+            "row for the class token and each register"
+        )
     block = model.blocks[0]
     eps = getattr(model.norm, "eps", None) or getattr(model.fc_norm, "eps", None) or TIMM_LAYER_NORM_EPS
     return dict(
@@ -306,6 +322,7 @@ def macrl_fields_from_timm(model) -> dict[str, Any]:
         qkv_bias=block.attn.qkv.bias is not None,
         layer_norm_eps=float(eps),
         pooling="mean" if model.global_pool == "avg" else "cls",
+        num_register_tokens=model.num_reg_tokens,
     )
 
 
@@ -371,6 +388,7 @@ def timm_to_macrl(
     check_keys(renamed, model.state_dict(), source=f"timm {architecture} as MACRLModel", hint=HINT)
     model.load_state_dict(renamed, strict=True)
     model.eval()
+    mark_position_embedding_type(model, overrides)
     log(f"comparing with timm {architecture}")
     compare_features(model, timm_model, atol=atol, rtol=rtol, seed=seed)
     if output_dir is not None:

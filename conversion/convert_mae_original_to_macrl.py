@@ -44,6 +44,7 @@ from .common import (
     checkpoint_args,
     compare_outputs,
     describe_position_embedding,
+    mark_position_embedding_type,
     load_checkpoint,
     log,
     random_noise,
@@ -335,6 +336,7 @@ def convert_mae_original(
         model.init_momentum_branch()
         pos_embed = converted["macrl.pos_embed"]
     log(f"  position embedding: {describe_position_embedding(pos_embed, config.image_size // config.patch_size)}")
+    mark_position_embedding_type(model, overrides)
 
     log("comparing with MAE's MaskedAutoencoderViT")
     verify(reference, model, encoder_only=encoder_only, atol=atol, rtol=rtol, seed=seed)

@@ -45,6 +45,7 @@ from .common import (
     checkpoint_args,
     compare_outputs,
     describe_position_embedding,
+    mark_position_embedding_type,
     load_checkpoint,
     log,
     random_pixels,
@@ -273,6 +274,7 @@ def convert_mocov3(
         model.load_state_dict(converted, strict=False)  # the momentum branch comes from the checkpoint
         pos_embed = converted["macrl.pos_embed"]
     log(f"  position embedding: {describe_position_embedding(pos_embed, config.image_size // config.patch_size)}")
+    mark_position_embedding_type(model, overrides)
 
     log("comparing with MoCo v3 (timm ViT + MoCo v3 MLPs)")
     verify(reference, model, encoder_only=encoder_only, atol=atol, rtol=rtol, seed=seed)

@@ -52,6 +52,7 @@ from .common import (
     check_keys,
     compare_outputs,
     describe_position_embedding,
+    mark_position_embedding_type,
     log,
     merge_qkv_keys,
     random_noise,
@@ -265,6 +266,7 @@ def convert_vit_mae(
     if not encoder_only:
         decoder_pos_embed = converted["decoder.decoder_pos_embed"]
         log(f"  decoder position embedding: {describe_position_embedding(decoder_pos_embed, grid)}")
+    mark_position_embedding_type(model, overrides)
 
     log("comparing with ViTMAE")
     verify(vit_mae, model, encoder_only=encoder_only, atol=atol, rtol=rtol, seed=seed)

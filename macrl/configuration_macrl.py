@@ -9,6 +9,7 @@ from transformers.backbone_utils import BackboneConfigMixin
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 POOLINGS = ("cls", "mean")
+POSITION_EMBEDDING_TYPES = ("sincos", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 
 
@@ -22,7 +23,8 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
     `macrl.presets` hold smaller, tested configurations.
 
     Encoder (a timm `VisionTransformer` with fixed 2D sin-cos positions):
-        image_size (`int`, defaults to 224): height and width of the input images.
+        image_size (`int`, defaults to 224): height and width of the input images (with
+            `interpolate_pos_encoding=True` the models take any multiple of `patch_size`, non-square too).
         patch_size (`int`, defaults to 16): height and width of a patch; must divide `image_size`.
         num_channels (`int`, defaults to 3): input channels (1 for grayscale data such as Fashion-MNIST).
         hidden_size (`int`, defaults to 768): width of the encoder.
@@ -39,7 +41,23 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): standard deviation of the CLS and mask token init and of the
             classifier weights of `MACRLForImageClassification`.
         pooling (`str`, defaults to `"cls"`): how `pooler_output` is made from the encoder tokens: `"cls"` (the CLS
-            token) or `"mean"` (mean of the patch tokens). Contrastive features and the classifier use it too.
+            token) or `"mean"` (mean of the patch tokens, registers left out). Contrastive features and the
+            classifier use it too.
+        num_register_tokens (`int`, defaults to 0): learned register tokens (Darcet et al. 2023, "Vision Transformers
+            Need Registers"; timm's `reg_tokens`) the encoder carries beside the CLS token. The token order is timm's:
+            CLS, the registers, then the patches in row-major order; `num_prefix_tokens` (1 + registers) counts the
+            tokens before the patches. Masking never hides them; pooling and the backbone's feature maps leave them
+            out; the decoder carries them and drops them with the CLS token. Like the CLS token's, their positions
+            are zero rows of `pos_embed`, which has one row per prefix token as timm's has (`no_embed_class=False`).
+            0 keeps the layout of earlier checkpoints.
+        position_embedding_type (`str`, defaults to `"sincos"`): what the stored position tables (`pos_embed`, the
+            decoder's `decoder_pos_embed`) are. `"sincos"`: MAE's fixed 2D sin-cos, a function of each patch's row
+            and column, so at another image size (`interpolate_pos_encoding=True`) the models compute them for the
+            actual grid, exactly: a model run at twice its `image_size` equals one built at that size; the stored
+            tables are the `image_size` ones (what timm loads). `"learned"`: tables from elsewhere (converted from a
+            checkpoint whose positions are not that sin-cos, e.g. a timm ViT's learned ones), used as stored at
+            `image_size` and resampled bicubically (timm's `resample_abs_pos_embed`) at other sizes. The converters
+            set it; a folder that says `"sincos"` but stores other positions loads as `"learned"`, with a warning.
 
     Decoder (MAE's shallow transformer that predicts the pixels of every patch):
         decoder_hidden_size (`int`, defaults to 512): width of the decoder.
@@ -75,7 +93,8 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
             this or `out_features`, or both in agreement. Neither: the last stage.
         apply_layernorm (`bool`, defaults to `True`): pass every feature map through the encoder's final LayerNorm.
         reshape_hidden_states (`bool`, defaults to `True`): return feature maps as `[batch, hidden_size, H/p, W/p]`
-            (patch tokens only); `False` keeps the tokens, `[batch, 1 + num_patches, hidden_size]`, CLS first.
+            (patch tokens only); `False` keeps the tokens, `[batch, num_prefix_tokens + num_patches, hidden_size]`,
+            CLS and registers first.
 
     Every field is validated on construction: a value out of range raises a `ValueError` that names the field, a
     value of the wrong type a `huggingface_hub.errors.StrictDataclassFieldValidationError`.
@@ -105,6 +124,8 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
     drop_path_rate: float | int = 0.0
     initializer_range: float = 0.02
     pooling: Literal["cls", "mean"] | str = "cls"
+    num_register_tokens: int = 0
+    position_embedding_type: Literal["sincos", "learned"] | str = "sincos"
 
     decoder_hidden_size: int = 512
     decoder_num_hidden_layers: int = 8
@@ -175,7 +196,7 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
         ):
             if getattr(self, field) < 1:
                 fail(field, "must be a positive integer")
-        for field in ("decoder_num_hidden_layers", "queue_size"):
+        for field in ("decoder_num_hidden_layers", "queue_size", "num_register_tokens"):
             if getattr(self, field) < 0:
                 fail(field, "must be zero or a positive integer")
         for field in ("projector_num_layers", "predictor_num_layers"):
@@ -219,6 +240,8 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
             fail("reconstruction_loss", f"must be one of {RECONSTRUCTION_LOSSES}")
         if self.pooling not in POOLINGS:
             fail("pooling", f"must be one of {POOLINGS}")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            fail("position_embedding_type", f"must be one of {POSITION_EMBEDDING_TYPES}")
         if self.hidden_act not in ACTIVATIONS:
             fail("hidden_act", f"must be one of {ACTIVATIONS}")
 
@@ -233,6 +256,12 @@ class MACRLConfig(BackboneConfigMixin, PreTrainedConfig):
     def stage_names(self) -> list[str]:
         """`MACRLBackbone`'s stages: `"stem"` (the embeddings), then `"stage1"` ... `"stageN"`, one per block."""
         return ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in every token sequence of the encoder: the CLS token and the registers
+        (timm's `num_prefix_tokens`). Patch `i` (row-major) is token `num_prefix_tokens + i`."""
+        return 1 + self.num_register_tokens
 
     @property
     def num_patches(self) -> int:

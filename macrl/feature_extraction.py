@@ -58,7 +58,8 @@ class ExtractionResult:
     """What ``extract_features`` returns.
 
     Attributes:
-        features: float32 ``[N, D]`` (``cls`` / ``mean``) or ``[N, 1 + L, D]`` (``none``), on the CPU.
+        features: float32 ``[N, D]`` (``cls`` / ``mean``) or ``[N, P + L, D]`` (``none``: every token, the CLS token
+            and the ``P - 1`` registers first), on the CPU.
         ids: one id per row of ``features``: a path relative to the data folder, or an index.
         labels: int64 ``[N]`` when the source has labels, else ``None``.
         skipped: ``(id, reason)`` of every unreadable image left out (``skip_unreadable=True``).
@@ -133,9 +134,9 @@ class _PreprocessBatch:
         return _Batch([s.index for s in readable], pixel_values, errors)
 
 
-def _pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """``[B, 1 + L, D]`` -> ``[B, D]`` (``cls``, ``mean``: as ``MACRLModel.pool``) or, for ``none``, unchanged."""
-    return tokens if pool == "none" else pool_tokens(tokens, pool)
+def _pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Tensor:
+    """``[B, P + L, D]`` -> ``[B, D]`` (``cls``, ``mean``: as ``MACRLModel.pool``) or, for ``none``, unchanged."""
+    return tokens if pool == "none" else pool_tokens(tokens, pool, num_prefix_tokens)
 
 
 @dataclass(frozen=True)
@@ -217,11 +218,16 @@ def prepare_for_inference(
 
 
 def _keep_float32_modules(model: nn.Module) -> None:
-    """Put back in float32 the modules a model keeps in float32 when it is loaded in half precision (its
-    `_keep_in_fp32_modules_strict`, as `from_pretrained(dtype=...)` does): `Module.to(dtype)` casts everything."""
-    patterns = [re.compile(pattern) for pattern in getattr(model, "_keep_in_fp32_modules_strict", None) or ()]
-    for name, module in model.named_modules():
-        if name and any(pattern.search(f"{name}.") for pattern in patterns):
+    """Put back in float32 the parameters a model keeps in float32 when it is loaded in half precision (its
+    `_keep_in_fp32_modules_strict`, as `from_pretrained(dtype=...)` does): `Module.to(dtype)` casts everything.
+
+    A name matches as it does in transformers' loader: searched for anywhere in the parameter's full name."""
+    names = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    patterns = [re.compile(name.replace("*", ".*")) for name in names]
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        own = [prefix + name for name, _ in module.named_parameters(recurse=False)]  # e.g. "norm.weight"
+        if any(pattern.search(name) for name in own for pattern in patterns):
             module.float()
 
 
@@ -283,6 +289,8 @@ def extract_features(
     precision = inference_precision(device, dtype)
     model = prepare_for_inference(model, device, dtype, compile=compile, batch_size=batch_size)
     pad = is_compiled(model)
+    # the CLS token and the registers before the patches (1 for a model without registers or a config)
+    num_prefix_tokens = getattr(getattr(model, "config", None), "num_prefix_tokens", 1)
     ids = source_ids(source)
     loader = DataLoader(
         _LoadImages(source),
@@ -310,7 +318,7 @@ def extract_features(
                     pixel_values = _pad_batch(pixel_values, batch_size)
                 with precision.context(device):
                     tokens = model(pixel_values=pixel_values).last_hidden_state[:count]
-                chunks.append(_pool_tokens(tokens.float(), pool).cpu())
+                chunks.append(_pool_tokens(tokens.float(), pool, num_prefix_tokens).cpu())
                 kept.extend(batch.indices)
             bar.update(len(batch.indices) + len(batch.errors))
 

@@ -68,7 +68,8 @@ def encoder_parameter_count(config: MACRLConfig) -> int:
     """Number of parameters of `MACRLModel(config)` (the fixed position embedding included), without building it."""
     width, mlp = config.hidden_size, config.intermediate_size
     patch_embed = config.num_channels * config.patch_size**2 * width + width
-    tokens = width + (config.num_patches + 1) * width  # CLS token + position embedding
+    prefix = config.num_prefix_tokens  # the CLS token and the registers
+    tokens = prefix * width + (prefix + config.num_patches) * width  # prefix tokens + position embedding
     attention = 3 * width * width + (3 * width if config.qkv_bias else 0) + width * width + width
     block = attention + (width * mlp + mlp) + (mlp * width + width) + 2 * (2 * width)  # + two LayerNorms
     return patch_embed + tokens + config.num_hidden_layers * block + 2 * width  # + final LayerNorm
@@ -119,6 +120,13 @@ def _encoder_facts(config: MACRLConfig) -> dict:
         "hidden_act": config.hidden_act,
         "parameters": _parameter_count_text(encoder_parameter_count(config)),
         "pooling": pooling,
+        "num_register_tokens": config.num_register_tokens,
+        "positions": "fixed 2D sin-cos" if config.position_embedding_type == "sincos" else "learned (converted)",
+        "other_sizes": (
+            "computes the fixed sin-cos positions for their grid"
+            if config.position_embedding_type == "sincos"
+            else "resamples the learned positions bicubically"
+        ),
     }
 
 

@@ -8,12 +8,13 @@ Layout of the pre-training model (`MACRLForPreTraining`):
     loss = reconstruction_weight * L1 + contrastive_weight * InfoNCE(q, k)
 
 `MACRLModel` (the encoder users download) keeps timm's `VisionTransformer` state-dict names (`patch_embed.proj`,
-`cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), so its
-`model.safetensors` loads into timm unchanged; that is why it has no `embeddings.` / `encoder.layer.` prefixes like
-transformers' ViT. The blocks are MACRL's own, so attention runs through transformers' attention interface
+`cls_token`, `reg_token` with registers, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`,
+`norm`), so its `model.safetensors` loads into timm unchanged (`timm_layout.timm_vit_kwargs`); that is why it has no
+`embeddings.` / `encoder.layer.` prefixes like transformers' ViT. The blocks are MACRL's own, so attention runs through transformers' attention interface
 (`config._attn_implementation`: eager, sdpa, flex, flash).
 """
 
+import logging
 import math
 import os
 import shutil
@@ -27,17 +28,22 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, ImageClassifierOutput
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.vit_mae.modeling_vit_mae import (
     build_2d_sinusoidal_position_embedding,
     eager_attention_forward,
 )
-from transformers.utils import ModelOutput, is_torchdynamo_compiling
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, is_torchdynamo_compiling
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_macrl import MACRLConfig
 from .contrastive_loss import info_nce_loss
 from .distributed import GlobalBatchNorm1d, concat_all_gather
+
+logger = logging.getLogger(__name__)
 
 # what a saved folder's code can build, whichever class saved it (transformers only lists the saving class)
 _AUTO_MAP = {
@@ -48,6 +54,9 @@ _AUTO_MAP = {
     "AutoImageProcessor": "image_processing_macrl.MACRLImageProcessor",
     "AutoBackbone": "modeling_macrl_backbone.MACRLBackbone",
 }
+# what a forward that only needs features passes down, so that the config's `output_hidden_states` /
+# `output_attentions` record nothing there (the momentum branch, the main branch's second view)
+_NOTHING_RECORDED = {"output_hidden_states": False, "output_attentions": False}
 # the code files a folder carries besides the saving class's own module and what it imports
 _EXTRA_CODE_FILES = ("image_processing_macrl.py", "modeling_macrl_backbone.py")
 
@@ -58,20 +67,66 @@ class MACRLModelOutput(ModelOutput):
     Output of `MACRLModel`.
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches, hidden_size)`):
-            Normalised tokens of the last encoder block, CLS token first.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_prefix_tokens + num_patches, hidden_size)`):
+            Normalised tokens of the last encoder block in timm's order: the CLS token, the
+            `config.num_register_tokens` registers, then the patches in row-major order (`config.num_prefix_tokens`
+            is 1 + registers; without registers, CLS first and the patches). With masking (`mask_ratio > 0`) the
+            visible patches only, `num_prefix_tokens + num_visible_patches` tokens, in the shuffled order that
+            `ids_restore` undoes.
         pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
             The image feature: the CLS token or the mean of the patch tokens, as `config.pooling` says.
+        mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*, returned with `mask_ratio > 0`):
+            1 where the patch was hidden from the encoder, 0 where it was visible.
+        ids_restore (`torch.LongTensor` of shape `(batch_size, num_patches)`, *optional*, with `mask_ratio > 0`):
+            Permutation that puts the shuffled patch tokens back in image order.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
             The embeddings and the output of every block (before the final LayerNorm), `num_hidden_layers + 1`
-            tensors of shape `(batch_size, 1 + num_patches, hidden_size)`.
+            tensors of shape `(batch_size, num_prefix_tokens + num_patches, hidden_size)`, tokens in the same order.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             The softmax attention weights of every block, `num_hidden_layers` tensors of shape
-            `(batch_size, num_attention_heads, 1 + num_patches, 1 + num_patches)`.
+            `(batch_size, num_attention_heads, T, T)` with `T = num_prefix_tokens + num_patches`: the CLS token's
+            attention over the patches is `attentions[k][:, :, 0, num_prefix_tokens:]`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MACRLMainBranchOutput(ModelOutput):
+    r"""
+    What `MACRLForPreTraining.forward_main` computes on one view (the main branch: masked encoder, decoder, projector
+    and predictor).
+
+    Args:
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Pooled encoder feature of the visible patches.
+        mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
+            1 where the patch was hidden, 0 where it was visible; `None` when `mask_ratio` is 0.
+        ids_restore (`torch.LongTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Permutation that puts the shuffled patch tokens back in image order; `None` when `mask_ratio` is 0.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`, *optional*):
+            Reconstructed pixels of every patch; `None` when `reconstruction_weight` is 0.
+        reconstruction_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            The reconstruction loss of `logits`; `None` when `reconstruction_weight` is 0.
+        query (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
+            The predictor's output, the contrastive query; `None` when `contrastive_weight` is 0.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The encoder's embeddings and block outputs on the visible patches, when asked for.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The encoder's attention weights on the same tokens, when asked for.
+    """
+
+    pooler_output: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    ids_restore: torch.LongTensor | None = None
+    logits: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    query: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -99,11 +154,11 @@ class MACRLForPreTrainingOutput(ModelOutput):
             Pooled encoder feature of the (masked) strong view.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
             The main encoder's embeddings and block outputs on the strong view's visible patches, as ViTMAE returns
-            them: `num_hidden_layers + 1` tensors of shape `(batch_size, 1 + num_visible_patches, hidden_size)`, with
-            `num_visible_patches = int(num_patches * (1 - mask_ratio))`.
+            them: `num_hidden_layers + 1` tensors of shape `(batch_size, T, hidden_size)`, with
+            `T = num_prefix_tokens + num_visible_patches`, `num_visible_patches = int(num_patches * (1 - mask_ratio))`.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
             The main encoder's attention weights on the same tokens, `num_hidden_layers` tensors of shape
-            `(batch_size, num_attention_heads, 1 + num_visible_patches, 1 + num_visible_patches)`.
+            `(batch_size, num_attention_heads, T, T)`, `T = num_prefix_tokens + num_visible_patches`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -117,22 +172,69 @@ class MACRLForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def sincos_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos positions with a zero row for the CLS token: `[1, 1 + grid_size**2, dim]`."""
-    pos_embed = build_2d_sinusoidal_position_embedding(grid_size, grid_size, embed_dim=dim, cls_token=True)
+def sincos_position_embedding(
+    grid_size: int | tuple[int, int],
+    dim: int,
+    num_prefix_tokens: int = 1,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """MAE's fixed 2D sin-cos positions for a `grid_height x grid_width` patch grid (an int: a square one), with zero
+    rows for the prefix tokens (CLS, registers): `[1, num_prefix_tokens + grid_height * grid_width, dim]`.
+
+    Patch (r, c) of the row-major grid gets `[sin-cos of c | sin-cos of r]`, a function of its row and column alone, so
+    every grid is exact, a non-square one included. Made in `dtype` (default: torch's default dtype, the one a model is
+    being built in) on `device` (default: torch's default device, `torch.device("meta")` included); the grid sizes may
+    be symbolic (`torch.export` with dynamic height and width).
+    """
+    height, width = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    dtype = dtype if dtype is not None else torch.get_default_dtype()
+    pos_embed = build_2d_sinusoidal_position_embedding(height, width, embed_dim=dim, device=device, dtype=dtype)
     # MAE's reference code (and every released MAE/ViTMAE checkpoint) lays the halves out as [w | h]; follow it so
     # converted and freshly initialised models agree.
     half = dim // 2
-    return torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1).unsqueeze(0)
+    pos_embed = torch.cat([pos_embed[..., half:], pos_embed[..., :half]], dim=-1)  # [H*W, D]
+    prefix = pos_embed.new_zeros(num_prefix_tokens, dim)
+    return torch.cat([prefix, pos_embed]).unsqueeze(0)
 
 
-def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
-    """`[N, 1 + L, D]` -> `[N, D]`: `cls` the CLS token, `mean` the mean of the patch tokens, CLS excluded (timm's
-    `global_pool='avg'`)."""
+def positions_for_grid(table: torch.Tensor, grid_size: tuple[int, int], config: MACRLConfig) -> torch.Tensor:
+    """The positions `[1, P + H*W, D]` of an `H x W` patch grid, from `table`, the stored `[1, P + g*g, D]` positions of
+    the config's `g x g` grid (P prefix tokens).
+
+    With `config.position_embedding_type == "sincos"` they are computed for the grid (`sincos_position_embedding`),
+    exact at every size and free of any branch on the sizes, so a model traces with dynamic height and width; with
+    `"learned"` the table is used as stored on its own grid and resampled bicubically on others (timm's
+    `resample_abs_pos_embed`, as transformers' ViTs and timm interpolate).
+    """
+    prefix = config.num_prefix_tokens
+    if config.position_embedding_type == "sincos":
+        return sincos_position_embedding(grid_size, table.shape[-1], prefix, device=table.device, dtype=table.dtype)
+    native = config.image_size // config.patch_size
+    if tuple(grid_size) == (native, native):
+        return table
+    return resample_abs_pos_embed(table, list(grid_size), num_prefix_tokens=prefix)
+
+
+def initial_queue(size: int, dim: int) -> torch.Tensor:
+    """The MoCo queue a model starts with: `size` random unit keys `[size, dim]`, drawn from a fixed seed.
+
+    MoCo starts from random keys that the first `size / batch` steps replace; a seeded draw makes them a function of
+    the config, as every other buffer is, so `_init_weights` can give them back on a model built on the meta device.
+    Made on the CPU and moved to the device being built on (`torch.device("meta")` included).
+    """
+    keys = torch.randn(size, dim, generator=torch.Generator().manual_seed(0), device="cpu")  # [K, P]
+    return F.normalize(keys, dim=1).to(torch.get_default_device())
+
+
+def pool_tokens(tokens: torch.Tensor, pooling: str, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """`[N, num_prefix_tokens + L, D]` -> `[N, D]`: `cls` the CLS token (the first), `mean` the mean of the patch
+    tokens, the CLS token and registers left out (timm's `global_pool='avg'`)."""
     if pooling == "cls":
         return tokens[:, 0]
     if pooling == "mean":
-        return tokens[:, 1:].mean(dim=1)
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
     raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
@@ -177,8 +279,10 @@ class MACRLAttention(nn.Module):
     `config._attn_implementation` names (eager, sdpa, flex_attention, flash_attention_*).
 
     sdpa, flex and flash never materialise the attention weights: a call with `output_attentions=True` is computed
-    eagerly, so it returns them whatever the implementation. So is an sdpa call on a CPU in bf16 / fp16 that will be
-    backpropagated (`sdpa_backward_is_slow`: training and fine-tuning on a CPU): the same maths, much faster there.
+    eagerly, so it returns them whatever the implementation (transformers 4's sdpa classes fell back to eager the same
+    way; transformers 5's sdpa function only warns and returns none). So is an sdpa call on a CPU in bf16 / fp16 that
+    will be backpropagated (`sdpa_backward_is_slow`: training and fine-tuning on a CPU): the same maths, much faster
+    there.
     """
 
     def __init__(self, config: MACRLConfig, dim: int, num_heads: int):
@@ -194,13 +298,13 @@ class MACRLAttention(nn.Module):
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, num_tokens, dim = hidden_states.shape  # [N, T, D]
         qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [N, heads, T, D / heads]
         implementation = self.config._attn_implementation
-        if output_attentions or (implementation == "sdpa" and sdpa_backward_is_slow(query)):
+        if kwargs.get("output_attentions") or (implementation == "sdpa" and sdpa_backward_is_slow(query)):
             implementation = "eager"
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
@@ -211,6 +315,7 @@ class MACRLAttention(nn.Module):
             None,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
+            **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, num_tokens, dim)  # [N, T, heads, D / heads] -> [N, T, D]
         return self.proj_drop(self.proj(attn_output)), attn_weights
@@ -243,13 +348,10 @@ class MACRLBlock(GradientCheckpointingLayer):
         self.mlp = MACRLMLP(config, dim, mlp_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention, attn_weights = self.attn(self.norm1(hidden_states), output_attentions)
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        attention, _ = self.attn(self.norm1(hidden_states), **kwargs)  # the weights are recorded from `attn`
         hidden_states = hidden_states + self.drop_path(attention)
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
-        return hidden_states, attn_weights
+        return hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
 
 
 class MACRLEncoder(nn.ModuleList):
@@ -263,21 +365,12 @@ class MACRLEncoder(nn.ModuleList):
         dim, heads, mlp_dim = config.hidden_size, config.num_attention_heads, config.intermediate_size
         super().__init__([MACRLBlock(config, dim, heads, mlp_dim, rate) for rate in rates])
 
-    def forward(
-        self, hidden_states: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False
-    ) -> BaseModelOutput:
-        """`[N, T, D]` through every block. `hidden_states` holds the input and every block's output."""
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        """`[N, T, D]` through every block. (What `output_hidden_states` / `output_attentions` ask for is recorded
+        from the blocks and their attention by `MACRLModel.forward`, as `_can_record_outputs` says.)"""
         for block in self:
-            hidden_states, attn_weights = block(hidden_states, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        return BaseModelOutput(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
-        )
+            hidden_states = block(hidden_states, **kwargs)
+        return hidden_states
 
 
 class MACRLDecoder(nn.Module):
@@ -289,10 +382,13 @@ class MACRLDecoder(nn.Module):
 
     def __init__(self, config: MACRLConfig):
         super().__init__()
+        self.config = config
         dim = config.decoder_hidden_size
         self.decoder_embed = nn.Linear(config.hidden_size, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("decoder_pos_embed", torch.zeros(1, config.num_patches + 1, dim))
+        self.num_prefix_tokens = config.num_prefix_tokens  # the encoder's CLS token and registers, carried through
+        grid = config.image_size // config.patch_size
+        self.register_buffer("decoder_pos_embed", sincos_position_embedding(grid, dim, config.num_prefix_tokens))
         self.decoder_blocks = nn.ModuleList(
             [
                 MACRLBlock(config, dim, config.decoder_num_attention_heads, config.decoder_intermediate_size)
@@ -302,25 +398,29 @@ class MACRLDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.decoder_pred = nn.Linear(dim, config.patch_size**2 * config.num_channels)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """`latent` `[B, 1 + L_visible, D]`, `ids_restore` `[B, L]` -> predicted pixels `[B, L, p*p*C]`."""
-        x = self.decoder_embed(latent.to(self.decoder_embed.weight.dtype))  # [B, 1 + L_vis, Dd]
+    def forward(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """`latent` `[B, P + L_visible, D]` (P prefix tokens: CLS, registers), `ids_restore` `[B, L]` -> predicted
+        pixels `[B, L, p*p*C]`. `grid_size`: the `(H/p, W/p)` patch grid of an image of another size than the
+        config's (`interpolate_pos_encoding`); `None`, the config's grid."""
+        prefix = self.num_prefix_tokens
+        x = self.decoder_embed(latent.to(self.decoder_embed.weight.dtype))  # [B, P + L_vis, Dd]
         batch_size, num_patches = ids_restore.shape
-        mask_tokens = self.mask_token.expand(batch_size, num_patches + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [B, L, Dd], visible first
+        mask_tokens = self.mask_token.expand(batch_size, prefix + num_patches - x.shape[1], -1)
+        patches = torch.cat([x[:, prefix:], mask_tokens], dim=1)  # [B, L, Dd], visible first
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # image order
-        x = torch.cat([x[:, :1], patches], dim=1)  # [B, 1 + L, Dd]
-        x = x + self._position_embedding(num_patches)
+        x = torch.cat([x[:, :prefix], patches], dim=1)  # [B, P + L, Dd]
+        positions = self.decoder_pos_embed
+        if grid_size is not None:
+            positions = positions_for_grid(positions, grid_size, self.config)
+        x = x + positions
         for block in self.decoder_blocks:
-            x, _ = block(x)
-        x = self.decoder_norm(x)
-        return self.decoder_pred(x)[:, 1:]  # [B, L, p*p*C], CLS dropped
+            x = block(x)
+        # in the norm's dtype: float32 in a half-precision model (`_keep_in_fp32_modules_strict`)
+        x = self.decoder_norm(x.to(self.decoder_norm.weight.dtype))
+        return self.decoder_pred(x.to(self.decoder_pred.weight.dtype))[:, prefix:]  # [B, L, p*p*C], prefix dropped
 
-    def _position_embedding(self, num_patches: int) -> torch.Tensor:
-        if num_patches + 1 == self.decoder_pos_embed.shape[1]:
-            return self.decoder_pos_embed
-        grid = math.isqrt(num_patches)
-        return resample_abs_pos_embed(self.decoder_pos_embed, [grid, grid], num_prefix_tokens=1)
 
 
 class MACRLProjectionHead(nn.Sequential):
@@ -361,11 +461,16 @@ class MACRLPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # `output_hidden_states` records the input of the first block and every block's output, `output_attentions` the
+    # weights every attention returns (`MACRLModel.forward` captures them, so the decoder's blocks never count)
+    _can_record_outputs = {"hidden_states": MACRLBlock, "attentions": MACRLAttention}
     # The encoder's final LayerNorm (`norm`, not the blocks' norm1 / norm2) stays float32 when a model is loaded in
     # bf16 / fp16, and so do the features it gives: bf16 rounding of the features alone moved a kNN evaluation by 0.2
     # points (benchmarks/results/extraction-speed.md), for a norm that costs nothing beside the blocks. The heads cast
-    # its output to their own dtype. (`prepare_for_inference` keeps these modules float32 the same way.)
-    _keep_in_fp32_modules_strict = [r"(?:^|\.)norm\."]
+    # its output to their own dtype. Named by its parameters, as transformers' own models name theirs ("gate.weight"):
+    # the loader finds these names anywhere in a parameter's name, so "norm" would catch norm1 / norm2 too.
+    # (`feature_extraction.prepare_for_inference` keeps the same parameters float32.)
+    _keep_in_fp32_modules_strict = ["norm.weight", "norm.bias"]
     # a MACRLModel or classifier loaded from a pre-training folder leaves the pre-training heads behind, silently
     _keys_to_ignore_on_load_unexpected = [
         r"^(decoder|projector|predictor|momentum_encoder|momentum_decoder|momentum_projector)\.",
@@ -387,21 +492,42 @@ class MACRLPreTrainedModel(PreTrainedModel):
 
             leave_class_to_auto_map(Path(save_directory) / "preprocessor_config.json")  # saved before the model
 
-    def _output_flags(
-        self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
-    ) -> tuple[bool, bool, bool]:
-        """The call's `output_hidden_states`, `output_attentions` and `return_dict`, the config's where not given."""
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a folder whose config says `position_embedding_type="sincos"` but whose
+        stored positions are something else (converted before the converters set that field) is read as `"learned"`,
+        with a warning: its positions are then used as stored, and resampled at other image sizes."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if model.config.position_embedding_type == "sincos" and not model.stored_positions_are_sincos():
+            logger.warning(
+                "%s: the stored position embedding is not MAE's fixed 2D sin-cos; it is used as stored "
+                "(position_embedding_type='learned')",
+                args[0] if args else kwargs.get("pretrained_model_name_or_path"),
+            )
+            model.config.position_embedding_type = "learned"
+        return (model, loading_info) if output_loading_info else model
+
+    def stored_positions_are_sincos(self) -> bool:
+        """Whether every stored position table (`pos_embed`, `decoder_pos_embed`) holds MAE's fixed sin-cos of the
+        config's grid, as `position_embedding_type="sincos"` says (within the rounding of the table's dtype)."""
         config = self.config
-        return (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states,
-            output_attentions if output_attentions is not None else config.output_attentions,
-            return_dict if return_dict is not None else config.return_dict,
-        )
+        grid = config.image_size // config.patch_size
+        for name, table in self.named_buffers():
+            if not name.endswith("pos_embed") or table.is_meta:  # (offloaded buffers are not checked)
+                continue
+            expected = sincos_position_embedding(grid, table.shape[-1], config.num_prefix_tokens, device=table.device)
+            atol = max(1e-5, torch.finfo(table.dtype).eps)
+            if table.shape != expected.shape or not torch.allclose(table.float(), expected.float(), atol=atol):
+                return False
+        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         """MAE's initialisation, leaf by leaf (transformers initialises each module that owns tensors, and a checkpoint
-        without some of them only those): xavier-uniform linear layers and patch projection, fixed sin-cos positions,
-        N(0, initializer_range) tokens, a fresh random MoCo queue."""
+        without some of them only those): xavier-uniform linear layers and patch projection, N(0, initializer_range)
+        tokens. Every buffer gets the value `__init__` gives it (the fixed sin-cos positions, the MoCo queue and its
+        pointer, BatchNorm statistics), so a model built on the meta device and initialised here (what `device_map`
+        loading does) equals one built on the CPU."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
@@ -423,30 +549,46 @@ class MACRLPreTrainedModel(PreTrainedModel):
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
         elif isinstance(module, MACRLModel):
-            grid = self.config.image_size // self.config.patch_size
-            init.copy_(module.pos_embed, sincos_position_embedding(grid, self.config.hidden_size))
+            grid, prefix = self.config.image_size // self.config.patch_size, self.config.num_prefix_tokens
+            init.copy_(module.pos_embed, sincos_position_embedding(grid, self.config.hidden_size, prefix))
             init.normal_(module.cls_token, std=std)
+            if module.reg_token is not None:
+                init.normal_(module.reg_token, std=std)
         elif isinstance(module, MACRLDecoder):
-            grid = self.config.image_size // self.config.patch_size
-            init.copy_(module.decoder_pos_embed, sincos_position_embedding(grid, self.config.decoder_hidden_size))
+            grid, prefix = self.config.image_size // self.config.patch_size, self.config.num_prefix_tokens
+            positions = sincos_position_embedding(grid, self.config.decoder_hidden_size, prefix)
+            init.copy_(module.decoder_pos_embed, positions)
             init.normal_(module.mask_token, std=std)
         elif isinstance(module, MACRLForPreTraining) and self.config.queue_size > 0:
-            init.copy_(module.queue, F.normalize(torch.randn_like(module.queue), dim=1))
+            init.copy_(module.queue, initial_queue(self.config.queue_size, self.config.projection_dim))
             init.zeros_(module.queue_ptr)
 
 
 class MACRLModel(MACRLPreTrainedModel):
-    """The MACRL encoder: a ViT that maps images to tokens and a pooled feature, with no masking."""
+    """The MACRL encoder: a ViT that maps images to tokens and a pooled feature (masking only when asked, for
+    pre-training)."""
 
     def __init__(self, config: MACRLConfig):
         super().__init__(config)
         self.patch_embed = MACRLPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        # fixed (not learned) 2D sin-cos positions, as in MAE
-        self.register_buffer("pos_embed", torch.zeros(1, config.num_patches + 1, config.hidden_size))
+        registers = config.num_register_tokens
+        self.reg_token = nn.Parameter(torch.zeros(1, registers, config.hidden_size)) if registers else None
+        # fixed (not learned) 2D sin-cos positions, as in MAE; zero rows for the CLS token and the registers
+        grid = config.image_size // config.patch_size
+        positions = sincos_position_embedding(grid, config.hidden_size, config.num_prefix_tokens)
+        self.register_buffer("pos_embed", positions)
         self.blocks = MACRLEncoder(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    def post_init(self) -> None:
+        """`PreTrainedModel.post_init`, then the hooks that record `hidden_states` / `attentions` are installed now
+        rather than at the first call that asks for them, as transformers' `BackboneMixin` does: installing them
+        breaks a graph, so a first `torch.compile(model, fullgraph=True)(..., output_hidden_states=True)` would fail.
+        (They do nothing unless a call asks for those outputs.)"""
+        super().post_init()
+        maybe_install_capturing_hooks(self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.patch_embed
@@ -512,50 +654,31 @@ class MACRLModel(MACRLPreTrainedModel):
         mask = torch.gather(mask, 1, ids_restore)  # [N, L], 1 = hidden, in image order
         return x_visible, mask, ids_restore
 
-    def forward_encoder(
-        self,
-        pixel_values: torch.Tensor,
-        mask_ratio: float = 0.0,
-        noise: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, BaseModelOutput]:
-        """Encode the visible patches. Returns the normalised tokens `[N, 1 + L_keep, D]`, mask and ids_restore
-        (`None` without masking) and the blocks' output (`hidden_states` / `attentions` when asked for)."""
-        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        x = self.patch_embed(pixel_values)  # [N, L, D]
-        pos_embed = self._position_embedding(pixel_values.shape[2:], interpolate_pos_encoding)
-        x = x + pos_embed[:, 1:]
-        mask = ids_restore = None
-        if mask_ratio > 0:
-            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, L_keep, D]
-        cls_tokens = (self.cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls_tokens, x], dim=1)  # [N, 1 + L_keep, D]
-        blocks_output = self.blocks(x, output_hidden_states, output_attentions)
-        # in the norm's dtype: float32 in a half-precision model (`_keep_in_fp32_modules_strict`)
-        tokens = self.norm(blocks_output.last_hidden_state.to(self.norm.weight.dtype))  # [N, 1 + L_keep, D]
-        return tokens, mask, ids_restore, blocks_output
-
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`[N, 1 + L, D]` -> `[N, D]` with the config's pooling (`pool_tokens`)."""
-        return pool_tokens(tokens, self.config.pooling)
+        """`[N, num_prefix_tokens + L, D]` -> `[N, D]` with the config's pooling (`pool_tokens`)."""
+        return pool_tokens(tokens, self.config.pooling, self.config.num_prefix_tokens)
 
+    @capture_outputs(tie_last_hidden_states=False)  # hidden_states end with the last block's output, before `norm`
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MACRLModelOutput | tuple:
+        mask_ratio: float = 0.0,
+        noise: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MACRLModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
                 Normalised pixels, e.g. from `MACRLImageProcessor`.
             interpolate_pos_encoding (`bool`, defaults to `False`):
-                Resample the position embedding to accept images of another size (a multiple of the patch size).
+                Accept images of any size that is a multiple of the patch size, non-square too: the positions are
+                computed for their grid (`config.position_embedding_type="sincos"`, exact) or resampled (`"learned"`).
+            mask_ratio (`float`, defaults to 0.0):
+                Fraction of the patches to hide before the blocks (MAE's random masking, for pre-training); the
+                output then holds the visible tokens, `mask` and `ids_restore`.
+            noise (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
+                Masking noise: the patches with the smallest noise stay visible. Fixes the mask for reproducibility.
             output_hidden_states (`bool`, *optional*):
                 Also return the embeddings and the output of every block.
             output_attentions (`bool`, *optional*):
@@ -563,27 +686,31 @@ class MACRLModel(MACRLPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        flags = self._output_flags(output_hidden_states, output_attentions, return_dict)
-        output_hidden_states, output_attentions, return_dict = flags
-        tokens, _, _, blocks_output = self.forward_encoder(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        prefix = self.config.num_prefix_tokens  # P: the CLS token and the registers
+        x = self.patch_embed(pixel_values)  # [N, L, D]
+        pos_embed = self._position_embedding(pixel_values.shape[2:], interpolate_pos_encoding)  # [1, P + L, D]
+        x = x + pos_embed[:, prefix:]
+        mask = ids_restore = None
+        if mask_ratio > 0:  # the patches only: the prefix tokens are never hidden
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, L_keep, D]
+        prefix_tokens = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], 1)
+        prefix_tokens = (prefix_tokens + pos_embed[:, :prefix]).expand(x.shape[0], -1, -1)  # [N, P, D]
+        x = torch.cat([prefix_tokens, x], dim=1)  # [N, P + L_keep, D], timm's order: CLS, registers, patches
+        x = self.blocks(x, **kwargs)
+        # in the norm's dtype: float32 in a half-precision model (`_keep_in_fp32_modules_strict`)
+        tokens = self.norm(x.to(self.norm.weight.dtype))  # [N, P + L_keep, D]
+        return MACRLModelOutput(
+            last_hidden_state=tokens, pooler_output=self.pool(tokens), mask=mask, ids_restore=ids_restore
         )
-        output = MACRLModelOutput(
-            last_hidden_state=tokens,
-            pooler_output=self.pool(tokens),
-            hidden_states=blocks_output.hidden_states,
-            attentions=blocks_output.attentions,
-        )
-        return output if return_dict else output.to_tuple()
 
     def _position_embedding(self, image_hw: torch.Size, interpolate: bool) -> torch.Tensor:
-        grid = [size // self.config.patch_size for size in image_hw]
-        if not interpolate or grid[0] * grid[1] + 1 == self.pos_embed.shape[1] and grid[0] == grid[1]:
+        """`[1, P + L, D]`: the stored table for an image of the config's size (`check_pixel_values` made sure of it),
+        else the positions of its grid (`positions_for_grid`)."""
+        if not interpolate:
             return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, grid, num_prefix_tokens=1)
+        grid = (image_hw[0] // self.config.patch_size, image_hw[1] // self.config.patch_size)
+        return positions_for_grid(self.pos_embed, grid, self.config)
 
 
 class MACRLForPreTraining(MACRLPreTrainedModel):
@@ -597,6 +724,9 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^momentum_decoder\."]
+    # the decoder's final norm too: transformers' loader finds the encoder's "norm.weight" inside
+    # "decoder.decoder_norm.weight", so that norm is float32 in a half-precision model either way, and said so here
+    _keep_in_fp32_modules_strict = ["decoder_norm"]
 
     # (main, momentum) attribute names; the predictor has no twin
     _momentum_pairs = (("macrl", "momentum_encoder"), ("projector", "momentum_projector"))
@@ -616,7 +746,7 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
         self.momentum_encoder = MACRLModel(config)
         self.momentum_projector = self._build_projector(config)
         if config.queue_size > 0:
-            self.register_buffer("queue", F.normalize(torch.randn(config.queue_size, config.projection_dim), dim=1))
+            self.register_buffer("queue", initial_queue(config.queue_size, config.projection_dim))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.post_init()
         self.init_momentum_branch()
@@ -720,40 +850,56 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
         pixel_values: torch.Tensor,
         noise: torch.Tensor | None,
         interpolate_pos_encoding: bool,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> dict[str, torch.Tensor | None]:
-        """Main branch on one view: masked encoder, then decoder and/or projector+predictor as the weights ask."""
-        tokens, mask, ids_restore, blocks_output = self.macrl.forward_encoder(
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MACRLMainBranchOutput:
+        """Main branch on one view: masked encoder, then decoder and/or projector+predictor as the weights ask.
+        `kwargs` (`output_hidden_states`, `output_attentions`) go to the encoder."""
+        encoded = self.macrl(
             pixel_values,
-            self.config.mask_ratio,
-            noise,
-            interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            mask_ratio=self.config.mask_ratio,
+            noise=noise,
+            return_dict=True,
+            **kwargs,
         )
-        out: dict[str, torch.Tensor | None] = {"mask": mask, "ids_restore": ids_restore, "logits": None, "query": None}
-        out["hidden_states"], out["attentions"] = blocks_output.hidden_states, blocks_output.attentions
-        out["pooled"] = self.macrl.pool(tokens)  # [N, D]
+        tokens, mask, ids_restore = encoded.last_hidden_state, encoded.mask, encoded.ids_restore  # [N, P + L_keep, D]
+        logits = reconstruction_loss = query = None
         if self.config.reconstruction_weight > 0:
             if ids_restore is None:  # nothing hidden: the decoder sees every token in image order
-                num_patches = tokens.shape[1] - 1
+                num_patches = tokens.shape[1] - self.config.num_prefix_tokens
                 ids_restore = torch.arange(num_patches, device=tokens.device).expand(tokens.shape[0], -1)
-            out["logits"] = self.decoder(tokens, ids_restore)  # [N, L, p*p*C]
-            out["reconstruction_loss"] = self.forward_loss(pixel_values, out["logits"], mask)
+            grid = None  # the config's, unless the images may have another size
+            if interpolate_pos_encoding:
+                grid = (pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size)
+            logits = self.decoder(tokens, ids_restore, grid)  # [N, L, p*p*C]
+            reconstruction_loss = self.forward_loss(pixel_values, logits, mask)
         if self.config.contrastive_weight > 0:
-            out["query"] = self.predictor(self.projector(out["pooled"]))  # [N, P]
-        return out
+            query = self.predictor(self.projector(encoded.pooler_output))  # [N, P]
+        return MACRLMainBranchOutput(
+            pooler_output=encoded.pooler_output,
+            mask=mask,
+            ids_restore=encoded.ids_restore,
+            logits=logits,
+            reconstruction_loss=reconstruction_loss,
+            query=query,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
 
     @torch.no_grad()
     def forward_momentum(
         self, pixel_values: torch.Tensor, noise: torch.Tensor | None, interpolate_pos_encoding: bool
     ) -> torch.Tensor:
         """Momentum branch on one view: encoder and projector give the contrastive key `[N, P]`."""
-        tokens, _, _, _ = self.momentum_encoder.forward_encoder(
-            pixel_values, self.config.momentum_mask_ratio, noise, interpolate_pos_encoding
+        encoded = self.momentum_encoder(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            mask_ratio=self.config.momentum_mask_ratio,
+            noise=noise,
+            return_dict=True,
+            **_NOTHING_RECORDED,
         )
-        return self.momentum_projector(self.momentum_encoder.pool(tokens))
+        return self.momentum_projector(encoded.pooler_output)
 
     def forward_contrastive_loss(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         queue = self.queue.clone() if self.config.queue_size > 0 else None
@@ -767,17 +913,15 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
         self.queue[index[-size:]] = keys[-size:]
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         momentum_pixel_values: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MACRLForPreTrainingOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MACRLForPreTrainingOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
@@ -788,7 +932,8 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
                 Masking noise: the patches with the smallest noise stay visible. Fixes the mask for reproducibility.
                 With `symmetric_loss`, the weak view's mask in the main branch uses `1 - noise`.
             interpolate_pos_encoding (`bool`, defaults to `False`):
-                Accept images whose size differs from `config.image_size`.
+                Accept images whose size differs from `config.image_size` (a multiple of the patch size, non-square
+                too); the encoder's and the decoder's positions follow their grid.
             output_hidden_states (`bool`, *optional*):
                 Also return the main encoder's hidden states on the strong view (its visible patches).
             output_attentions (`bool`, *optional*):
@@ -796,9 +941,6 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
         config = self.config
         if momentum_pixel_values is None:
             momentum_pixel_values = pixel_values
@@ -808,38 +950,38 @@ class MACRLForPreTraining(MACRLPreTrainedModel):
                 f"{pixel_values.shape[0]}: the two views must come from the same images"
             )
 
-        main = self.forward_main(
-            pixel_values, noise, interpolate_pos_encoding, output_hidden_states, output_attentions
-        )
-        reconstruction_loss = main.get("reconstruction_loss", pixel_values.new_zeros(()))
-        contrastive_loss = pixel_values.new_zeros(())
+        main = self.forward_main(pixel_values, noise, interpolate_pos_encoding, **kwargs)
+        zero = pixel_values.new_zeros(())
+        reconstruction_loss = main.reconstruction_loss if main.reconstruction_loss is not None else zero
+        contrastive_loss = zero
         if config.contrastive_weight > 0:
             key = self.forward_momentum(momentum_pixel_values, noise, interpolate_pos_encoding)  # [N, P]
-            contrastive_loss = self.forward_contrastive_loss(main["query"], key)
+            contrastive_loss = self.forward_contrastive_loss(main.query, key)
             if config.symmetric_loss:
                 # MoCo v3: each view is a query for the other view's key
                 second_noise = 1 - noise if noise is not None else None
-                main_weak = self.forward_main(momentum_pixel_values, second_noise, interpolate_pos_encoding)
+                main_weak = self.forward_main(
+                    momentum_pixel_values, second_noise, interpolate_pos_encoding, **_NOTHING_RECORDED
+                )
                 key_strong = self.forward_momentum(pixel_values, noise, interpolate_pos_encoding)
-                contrastive_loss = contrastive_loss + self.forward_contrastive_loss(main_weak["query"], key_strong)
+                contrastive_loss = contrastive_loss + self.forward_contrastive_loss(main_weak.query, key_strong)
                 if config.reconstruction_weight > 0:
-                    reconstruction_loss = (reconstruction_loss + main_weak["reconstruction_loss"]) / 2
+                    reconstruction_loss = (reconstruction_loss + main_weak.reconstruction_loss) / 2
             if config.queue_size > 0 and self.training:
                 self._enqueue(key)
 
         loss = config.reconstruction_weight * reconstruction_loss + config.contrastive_weight * contrastive_loss
-        output = MACRLForPreTrainingOutput(
+        return MACRLForPreTrainingOutput(
             loss=loss,
             reconstruction_loss=reconstruction_loss.detach(),
             contrastive_loss=contrastive_loss.detach(),
-            logits=main["logits"],
-            mask=main["mask"],
-            ids_restore=main["ids_restore"],
-            pooler_output=main["pooled"],
-            hidden_states=main["hidden_states"],
-            attentions=main["attentions"],
+            logits=main.logits,
+            mask=main.mask,
+            ids_restore=main.ids_restore,
+            pooler_output=main.pooler_output,
+            hidden_states=main.hidden_states,
+            attentions=main.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class MACRLForImageClassification(MACRLPreTrainedModel):
@@ -861,16 +1003,14 @@ class MACRLForImageClassification(MACRLPreTrainedModel):
         else:
             super()._init_weights(module)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
@@ -879,22 +1019,16 @@ class MACRLForImageClassification(MACRLPreTrainedModel):
                 Class indices in `[0, num_labels)`; with them the output holds the cross-entropy loss (MSE if
                 `num_labels == 1`, BCE for multi-label `problem_type`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.macrl(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )
         logits = self.classifier(outputs.pooler_output.to(self.classifier.weight.dtype))  # [N, num_labels]
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
-        output = ImageClassifierOutput(
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [

@@ -29,7 +29,9 @@ def default_num_heads(width: int) -> int:
 
 def timm_vit_kwargs(config: MACRLConfig) -> dict[str, Any]:
     """JSON-serialisable `VisionTransformer` / `timm.create_model` keyword arguments that rebuild
-    `MACRLModel(config)` without a head: `num_classes=0`, so the model returns the pooled feature.
+    `MACRLModel(config)` without a head: `num_classes=0`, so the model returns the pooled feature. Register tokens are
+    timm's `reg_tokens`, with the default `no_embed_class=False`: timm's token order (CLS, registers, patches) and
+    position layout (a row per token) are MACRL's.
 
     MACRL's `pooling="mean"` (final LayerNorm on every token, then the mean of the patch tokens) is timm's
     `global_pool="avg"` with `fc_norm=False`. A `layer_norm_eps` other than `TIMM_LAYER_NORM_EPS` is not among them:
@@ -51,6 +53,10 @@ def timm_vit_kwargs(config: MACRLConfig) -> dict[str, Any]:
     )
     if config.pooling == "mean":  # timm's average pooling would add a LayerNorm of its own
         kwargs["fc_norm"] = False
+    if config.num_register_tokens:
+        # timm's own register models use no_embed_class=True (positions for the patches only); MACRL's pos_embed has
+        # a (zero) row for each prefix token, which is timm's default layout: the weights load unchanged
+        kwargs["reg_tokens"] = config.num_register_tokens
     if config.hidden_act != "gelu":  # MACRL's activation names are timm's
         kwargs["act_layer"] = config.hidden_act
     return kwargs

@@ -44,7 +44,6 @@ __all__ = [
     "encoder_pictures",
     "feature_pca",
     "grid_figure_size",
-    "num_prefix_tokens",
     "plot_attention_maps",
     "plot_feature_pca",
     "to_display",
@@ -66,11 +65,6 @@ def encoder_of(model: nn.Module) -> MACRLModel:
     if isinstance(inner, MACRLModel):
         return inner
     raise TypeError(f"expected a MACRL model (MACRLModel, MACRLBackbone or one holding .macrl), got {type(model)}")
-
-
-def num_prefix_tokens(config) -> int:
-    """The tokens before the patches: CLS and the config's register tokens (timm's order)."""
-    return 1 + getattr(config, "num_register_tokens", 0)
 
 
 @dataclass
@@ -111,12 +105,12 @@ def encoder_maps(model: nn.Module, pixel_values: torch.Tensor, block: int = -1) 
     pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
     grid = (pixel_values.shape[2] // config.patch_size, pixel_values.shape[3] // config.patch_size)
     with _eval_mode(encoder):
-        tokens, _, _, blocks = encoder.forward_encoder(
-            pixel_values, interpolate_pos_encoding=True, output_attentions=True
-        )
-    skip = num_prefix_tokens(config)
-    block_index = range(len(blocks.attentions))[block]
-    attention = blocks.attentions[block_index][:, :, 0, skip:]  # [N, heads, L]: the CLS row, patch columns
+        # MACRLModel's own forward, also for a MACRLBackbone (a MACRLModel whose forward returns feature maps)
+        output = MACRLModel.forward(encoder, pixel_values, interpolate_pos_encoding=True, output_attentions=True)
+    tokens = output.last_hidden_state  # [N, prefix + L, D]
+    skip = config.num_prefix_tokens  # CLS and registers, in timm's order
+    block_index = range(len(output.attentions))[block]
+    attention = output.attentions[block_index][:, :, 0, skip:]  # [N, heads, L]: the CLS row, patch columns
     attention = attention.float().reshape(*attention.shape[:2], *grid)  # [N, heads, h, w]
     patch_tokens = tokens[:, skip:].float().reshape(tokens.shape[0], *grid, -1)  # [N, h, w, D]
     return EncoderMaps(attention.cpu(), patch_tokens.cpu(), block_index + 1)

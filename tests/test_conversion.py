@@ -309,6 +309,25 @@ def test_mae_original_round_trip(tmp_path, tiny_config):
         assert torch.equal(encoder(pixels).last_hidden_state, source.macrl(pixels).last_hidden_state)
 
 
+def test_converters_say_whether_the_positions_are_the_fixed_sincos(tmp_path, tiny_config):
+    """MAE's checkpoints store its fixed sin-cos: the converted model computes it for every image size
+    (`position_embedding_type="sincos"`); other stored positions are kept and resampled (`"learned"`), unless
+    `--set` says otherwise."""
+    from macrl import MACRLForPreTraining
+
+    torch.manual_seed(0)
+    source = MACRLForPreTraining(tiny_config())
+    mae_checkpoint(source, tmp_path / "mae.pth", decoder=False)
+    convert = dict(encoder_only=True, num_attention_heads=2)
+    assert convert_mae_original(tmp_path / "mae.pth", None, **convert).config.position_embedding_type == "sincos"
+    with torch.no_grad():
+        source.macrl.pos_embed.add_(0.01)
+    mae_checkpoint(source, tmp_path / "mae.pth", decoder=False)
+    assert convert_mae_original(tmp_path / "mae.pth", None, **convert).config.position_embedding_type == "learned"
+    forced = convert_mae_original(tmp_path / "mae.pth", None, **convert, overrides={"position_embedding_type": "sincos"})
+    assert forced.config.position_embedding_type == "sincos"
+
+
 def test_mae_original_with_mismatched_keys_raises(tmp_path, tiny_config):
     source = make_macrl(tiny_config())
     state_dict = mae_checkpoint(source, tmp_path / "mae.pth")
@@ -407,12 +426,15 @@ def test_macrl_checkpoint_to_encoder_and_full(tmp_path, tiny_config):
     assert error.value.missing == ["macrl.cls_token"] and error.value.unexpected == ["macrl.extra_token"]
 
 
-def test_macrl_timm_round_trip(tmp_path, tiny_config):
+@pytest.mark.parametrize("registers", [0, 2], ids=["no-registers", "registers"])
+def test_macrl_timm_round_trip(tmp_path, tiny_config, registers):
+    """MACRL -> timm -> MACRL: the timm model's features equal MACRL's (mean pooling leaves the registers out in both)
+    and the weights come back bit-identical; registers are timm's `reg_tokens` with a position row each."""
     import timm
 
     from macrl import MACRLImageProcessor, MACRLModel
 
-    config = tiny_config(pooling="mean", hidden_act="gelu_tanh", qkv_bias=False)
+    config = tiny_config(pooling="mean", hidden_act="gelu_tanh", qkv_bias=False, num_register_tokens=registers)
     torch.manual_seed(0)
     encoder = randomized(MACRLModel(config))
     encoder.save_pretrained(tmp_path / "encoder")
@@ -424,6 +446,7 @@ def test_macrl_timm_round_trip(tmp_path, tiny_config):
     args = timm_config["model_args"]
     assert (args["global_pool"], args["fc_norm"], args["act_layer"]) == ("avg", False, "gelu_tanh")
     assert args["qkv_bias"] is False and args["in_chans"] == 1 and args["num_classes"] == 0
+    assert args.get("reg_tokens", 0) == registers and "no_embed_class" not in args
     cfg = timm_config["pretrained_cfg"]
     assert (cfg["input_size"], cfg["mean"], cfg["std"], cfg["crop_pct"]) == ([1, 28, 28], [0.5], [0.5], 1.0)
     assert "hf_hub_id" not in cfg and cfg["tag"] == "macrl"
@@ -445,13 +468,15 @@ def test_macrl_timm_round_trip(tmp_path, tiny_config):
             # equal up to float rounding (MACRL may fuse fc1 + GELU without autograd); the weights are bit-identical
             torch.testing.assert_close(model.forward_features(pixels), ours.last_hidden_state, atol=1e-5, rtol=0)
             torch.testing.assert_close(model(pixels), ours.pooler_output, atol=1e-5, rtol=0)
+            assert model.num_prefix_tokens == config.num_prefix_tokens == 1 + registers
 
     timm_to_macrl(tmp_path / "timm", tmp_path / "back")
     back = MACRLModel.from_pretrained(tmp_path / "back").eval()
     assert back.state_dict().keys() == encoder.state_dict().keys()
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in back.state_dict().items())  # bit-identical
     for field in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "intermediate_size", "hidden_act", "qkv_bias", "layer_norm_eps", "pooling"):  # fmt: skip
+                  "intermediate_size", "hidden_act", "qkv_bias", "layer_norm_eps", "pooling",
+                  "num_register_tokens"):  # fmt: skip
         assert getattr(back.config, field) == getattr(config, field), field
     with torch.no_grad():
         assert torch.equal(back(pixels).pooler_output, ours.pooler_output)
@@ -471,6 +496,7 @@ def test_timm_reverse_from_bare_weights_and_incompatible_models(tmp_path):
     timm_to_macrl(tmp_path / "vit.safetensors", tmp_path / "macrl", num_attention_heads=4)
     model = MACRLModel.from_pretrained(tmp_path / "macrl").eval()
     assert (model.config.image_size, model.config.patch_size, model.config.num_attention_heads) == (32, 8, 4)
+    assert model.config.position_embedding_type == "learned"  # a timm ViT's positions: resampled at other sizes
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(pixels).last_hidden_state, vit.forward_features(pixels))
@@ -485,8 +511,15 @@ def test_timm_reverse_from_bare_weights_and_incompatible_models(tmp_path):
     )  # fmt: skip
     with pytest.raises(KeyMismatchError) as error:
         timm_to_macrl(tmp_path / "odd", None)
-    assert {"blocks.0.ls1.gamma", "blocks.0.ls2.gamma", "reg_token"} <= set(error.value.unexpected)
-    assert "blocks.0.ls1.gamma" in str(error.value) and "reg_token" in str(error.value)
+    # the layer scale has no MACRL equivalent; the register token has (num_register_tokens)
+    assert {"blocks.0.ls1.gamma", "blocks.0.ls2.gamma"} <= set(error.value.unexpected)
+    assert "reg_token" not in error.value.unexpected and "blocks.0.ls1.gamma" in str(error.value)
+    patches_only_args = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0,
+                             no_embed_class=True)  # fmt: skip
+    patches_only = timm.create_model("vit_base_patch16_224", pretrained=False, **patches_only_args)
+    timm.models.save_for_hf(patches_only, tmp_path / "patches_only", model_args=patches_only_args)
+    with pytest.raises(ValueError, match="no_embed_class=True .* has no MACRL layout"):
+        timm_to_macrl(tmp_path / "patches_only", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

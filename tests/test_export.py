@@ -1,12 +1,14 @@
 """Compiled and exported MACRL models: `torch.compile(fullgraph=True)`, `torch.export` for the three model classes and
-ONNX (the dynamo exporter, run with onnxruntime), each equal to the eager model; and the eager-only NaN check."""
+with dynamic batch, height and width, and ONNX (the dynamo exporter, run with onnxruntime), each equal to the eager
+model; and the eager-only NaN check."""
 
 import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from macrl import MACRLForImageClassification, MACRLForPreTraining, MACRLModel
+from macrl import MACRLBackbone, MACRLForImageClassification, MACRLForPreTraining, MACRLModel
 
 HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime"))
 
@@ -52,14 +54,48 @@ def test_torch_export_equals_eager(cls, tiny_config, fashion_images):
         _assert_same_outputs(program.module()(pixels, **kwargs), model(pixels, **kwargs))
 
 
-def test_exported_encoder_takes_any_batch_size(tiny_config, fashion_images):
-    pixels = fashion_images[0]
-    model, _ = _model_and_inputs(MACRLModel, tiny_config, pixels)
+def _export_any_size(model, pixels):
+    """`torch.export` with a dynamic batch, height and width (multiples of the patch size: `4 * grid`)."""
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(model, (pixels[:4],), dynamic_shapes={"pixel_values": {0: batch}})
-    for size in (1, 7):
+    grid_height = torch.export.Dim("grid_height", min=2, max=256)
+    grid_width = torch.export.Dim("grid_width", min=2, max=256)
+    patch = model.config.patch_size
+    return torch.export.export(
+        model,
+        (pixels,),
+        kwargs={"interpolate_pos_encoding": True},
+        dynamic_shapes={
+            "pixel_values": {0: batch, 2: patch * grid_height, 3: patch * grid_width},
+            "interpolate_pos_encoding": None,
+        },
+    )
+
+
+def _sized(pixels, height, width):
+    return F.interpolate(pixels, size=(height, width), mode="bilinear")
+
+
+# (the backbone's export takes as long again; it runs with the slow tests)
+@pytest.mark.parametrize(
+    "cls", [MACRLModel, pytest.param(MACRLBackbone, marks=pytest.mark.slow)], ids=["MACRLModel", "MACRLBackbone"]
+)
+def test_exported_model_takes_any_batch_height_and_width(cls, tiny_config, fashion_images):
+    """One program for every batch size and image size: the positions are computed for the grid of the input
+    (fixed sin-cos), so the exported model equals the eager one at the traced size, at another batch and square size,
+    and on non-square images; with registers."""
+    pixels = fashion_images[0]
+    torch.manual_seed(0)
+    model = cls(tiny_config(num_register_tokens=2, out_indices=[1, 2])).eval()
+    program = _export_any_size(model, pixels[:2])
+    for batch in (pixels[:1], _sized(pixels[:7], 36, 36), _sized(pixels[:3], 16, 44)):
         with torch.no_grad():
-            _assert_same_outputs(program.module()(pixels[:size]), model(pixels[:size]))
+            actual = program.module()(batch, interpolate_pos_encoding=True)
+            expected = model(batch, interpolate_pos_encoding=True)
+        if cls is MACRLBackbone:
+            grid = (batch.shape[2] // 4, batch.shape[3] // 4)
+            assert [tuple(f.shape[2:]) for f in actual.feature_maps] == [grid, grid]
+            actual, expected = dict(enumerate(actual.feature_maps)), dict(enumerate(expected.feature_maps))
+        _assert_same_outputs(actual, expected)
 
 
 def test_value_check_is_eager_only(tiny_config, fashion_images):

@@ -63,13 +63,6 @@ def test_onnx_and_pt2_with_a_dynamic_batch(encoder_folder, tmp_path, capsys):
     _assert_runs_like_eager(out, MACRLModel.from_pretrained(encoder_folder).eval(), [(1, 28, 28), (5, 28, 28)], False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="pending the model change of issue 30: MACRLModel resamples its sin-cos positions bicubically for other "
-    "image sizes (a branch on the size), so torch.export specialises height and width; with the positions computed "
-    "for the actual grid the export is dynamic in both and this passes",
-)
 def test_onnx_and_pt2_with_a_dynamic_height_and_width(encoder_folder, tmp_path, capsys):
     out = tmp_path / "onnx"
     code = main(["onnx", str(encoder_folder), str(out)])

@@ -1,17 +1,22 @@
 """The checks of transformers' common model tests (`ModelTesterMixin`, 5.x), written out for every MACRL class:
-initialisation of every tensor (fresh and on missing keys), the meta device, frozen parameters across save/load,
-output tuples and counts, attention backends, gradient checkpointing, training, save/load round trips.
+initialisation of every tensor and buffer (fresh, on missing keys, on the meta device), the float32 modules of a
+half-precision load, frozen parameters across save/load, output capture (tuples, counts, attention backends),
+gradient checkpointing, training, save/load round trips.
 
-(transformers' own `tests/` are not in its wheel, so the checks are written here, on real Fashion-MNIST images.)
+(transformers' own `tests/` are not in its wheel, so the checks are written here, on real Fashion-MNIST images; where
+one is transformers' test almost line for line, its docstring names it.)
 """
 
 import copy
+import inspect
+import re
 
 import pytest
 import torch
 from safetensors import safe_open
 from accelerate import init_empty_weights
 from transformers import AttentionInterface, AutoModel, AutoModelForPreTraining
+from transformers.initialization import no_init_weights
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from macrl import MACRLBackbone, MACRLForImageClassification, MACRLForPreTraining, MACRLModel
@@ -106,6 +111,80 @@ def test_builds_on_the_meta_device(cls, config):
     assert {tensor.device.type for tensor in model.state_dict().values()} == {"meta"}
     with init_empty_weights():
         assert {param.device.type for param in cls(config).parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=ids)
+def test_init_weights_can_init_buffers(cls, config):
+    """transformers' `test_init_weights_can_init_buffers`: a model built on the meta device, moved to the CPU and
+    initialised (`init_weights`, what `device_map` / big-model loading does) has exactly the buffers of a model whose
+    `__init__` ran without initialisation: the fixed sin-cos positions, the MoCo queue and its pointer, BatchNorm
+    statistics."""
+    with no_init_weights():
+        from_init = cls(copy.deepcopy(config))
+    with torch.device("meta"):
+        from_meta = cls(copy.deepcopy(config))
+    from_meta.to_empty(device="cpu")
+    from_meta.init_weights()
+    buffers, meta_buffers = dict(from_init.named_buffers()), dict(from_meta.named_buffers())
+    assert sorted(buffers) == sorted(meta_buffers)
+    assert [name for name, buffer in buffers.items() if not torch.equal(buffer, meta_buffers[name])] == []
+    if cls is MACRLForPreTraining:
+        assert {"macrl.pos_embed", "decoder.decoder_pos_embed", "queue", "queue_ptr"} <= buffers.keys()
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=ids)
+def test_all_tensors_are_parameter_or_buffer(cls, config, fashion_images):
+    """transformers' `test_all_tensors_are_parameter_or_buffer`: built on the meta device, moved and initialised, the
+    model runs (no tensor was left behind as a plain attribute on the meta device)."""
+    with torch.device("meta"):
+        model = cls(copy.deepcopy(config)).eval()
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():
+        model(**_inputs(cls, fashion_images[0][:2]))
+
+
+def _matches(names, parameter: str) -> bool:
+    """transformers' test of a `_keep_in_fp32_modules*` entry against a parameter name."""
+    return any(re.search(rf"(?:^|\.){name}(?:\.|$)", parameter) for name in names)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=ids)
+def test_keep_in_fp32_modules_exist(cls, config):
+    """transformers' `test_keep_in_fp32_modules_exist`: every name in `_keep_in_fp32_modules_strict` is a module (or
+    parameter) of the model; a regular expression there is not."""
+    model = cls(copy.deepcopy(config))
+    names = model._keep_in_fp32_modules_strict
+    assert names and not model._keep_in_fp32_modules
+    state_dict_names = model.state_dict().keys()
+    assert [name for name in names if not any(_matches([name], key) for key in state_dict_names)] == []
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=ids)
+def test_keep_in_fp32_modules(cls, config, tmp_path, fashion_images):
+    """transformers' `test_keep_in_fp32_modules`: loaded in float16 or bfloat16, exactly the parameters the strict
+    list names are float32 (the encoder's final norm; in the pre-training model the decoder's too), every other one
+    has the dtype asked for, and the model runs."""
+    torch.manual_seed(0)
+    cls(copy.deepcopy(config)).save_pretrained(tmp_path)
+    for dtype in (torch.float16, torch.bfloat16):
+        model = cls.from_pretrained(tmp_path, dtype=dtype)
+        names = model._keep_in_fp32_modules_strict
+        float32 = set()
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            assert tensor.dtype == (torch.float32 if _matches(names, name) else dtype), name
+            if tensor.dtype == torch.float32:
+                float32.add(name.removeprefix("macrl."))
+        expected = {"norm.weight", "norm.bias"}
+        if cls is MACRLForPreTraining:
+            expected |= {"momentum_encoder.norm.weight", "momentum_encoder.norm.bias"}
+            expected |= {"decoder.decoder_norm.weight", "decoder.decoder_norm.bias"}
+        assert float32 == expected
+        inputs = {k: v.to(dtype) for k, v in _inputs(cls, fashion_images[0][:2]).items()}
+        with torch.no_grad():
+            model.eval()(**inputs)
 
 
 def test_loads_with_a_device_map(tmp_path, config):
@@ -225,17 +304,56 @@ def test_hidden_states_and_attentions(cls, config, fashion_images):
     assert len(output.attentions) == config.num_hidden_layers
 
 
+def test_recorded_hidden_states_are_the_blocks_inputs_and_outputs(config, fashion_images):
+    """What `_can_record_outputs` records: the first block's input (the embeddings), then every block's output
+    before the final norm; in the pre-training model the main encoder's on the strong view only (not the decoder's
+    blocks, the momentum encoder's or a symmetric loss's second pass), whatever the config's flags."""
+    pixels = fashion_images[0][:3]
+    model = MACRLModel(config).eval()
+    with torch.no_grad():
+        output = model(pixels, output_hidden_states=True)
+        embeddings = model.patch_embed(pixels) + model.pos_embed[:, 1:]
+    torch.testing.assert_close(output.hidden_states[0][:, 1:], embeddings)
+    torch.testing.assert_close(model.norm(output.hidden_states[-1]), output.last_hidden_state)
+    for block, before, after in zip(model.blocks, output.hidden_states, output.hidden_states[1:]):
+        torch.testing.assert_close(block(before), after)
+
+    symmetric = config.__class__.from_dict({**config.to_dict(), "symmetric_loss": True})
+    symmetric.output_hidden_states = symmetric.output_attentions = True  # eager attention, records everywhere asked
+    pretraining = MACRLForPreTraining(symmetric).eval()
+    with torch.no_grad():
+        output = pretraining(**_inputs(MACRLForPreTraining, pixels))
+    assert len(output.hidden_states) == config.num_hidden_layers + 1
+    assert len(output.attentions) == config.num_hidden_layers
+    assert {h.shape[1] for h in output.hidden_states} == {1 + NUM_VISIBLE}
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=ids)
+def test_forward_takes_transformers_kwargs(cls):
+    """`**kwargs: Unpack[TransformersKwargs]`, where transformers' tests look for `output_attentions` (their
+    `_can_output_attn`), and no hand-threaded flags in the signature."""
+    parameters = inspect.signature(cls.forward).parameters
+    assert not {"output_hidden_states", "output_attentions", "return_dict"} & parameters.keys()
+    assert "output_attentions" in parameters["kwargs"].annotation.__args__[0].__annotations__
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=ids)
 def test_return_dict_false_gives_the_same_values_as_a_tuple(cls, config, fashion_images):
     model = cls(config).eval()
     inputs = _inputs(cls, fashion_images[0][:2])
+    tuple_config = copy.deepcopy(config)
+    tuple_config.return_dict = False
+    tuple_model = cls(tuple_config).eval()
+    tuple_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         as_dict = model(**inputs, output_hidden_states=True)
         as_tuple = model(**inputs, output_hidden_states=True, return_dict=False)
-    assert type(as_tuple) is tuple and len(as_tuple) == len(as_dict.to_tuple())
-    for a, b in zip(as_dict.to_tuple(), as_tuple):
-        for x, y in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
-            assert torch.equal(x, y)
+        from_config = tuple_model(**inputs, output_hidden_states=True)
+    for output in (as_tuple, from_config):
+        assert type(output) is tuple and len(output) == len(as_dict.to_tuple())
+        for a, b in zip(as_dict.to_tuple(), output):
+            for x, y in zip(a, b) if isinstance(a, tuple) else [(a, b)]:
+                assert torch.equal(x, y)
 
 
 def _pair(cls, config, first: str, second: str):

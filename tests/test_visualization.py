@@ -4,7 +4,6 @@ folders of real images (a photo among them), and the pictures a `macrl-pretrain`
 import copy
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import matplotlib.cbook
 import pytest
@@ -20,7 +19,6 @@ from macrl.visualization import (
     encoder_pictures,
     feature_pca,
     grid_figure_size,
-    num_prefix_tokens,
 )
 from macrl.visualize import main
 
@@ -60,9 +58,14 @@ def test_maps_are_the_cls_row_of_the_last_block_over_the_patches(tiny_config, fa
     # a softmax row: what CLS gives the patches is what it does not give itself
     torch.testing.assert_close(maps.attention.sum((2, 3)) + weights[:, :, 0, 0], torch.ones(3, 2))
     assert encoder_maps(model, pixels, block=0).block == 1
-    assert model.training is False and num_prefix_tokens(model.config) == 1
+    assert model.training is False
     # registers sit between CLS and the patches (timm's order) and are left out with it
-    assert num_prefix_tokens(SimpleNamespace(num_register_tokens=4)) == 5
+    with_registers = MACRLModel(tiny_config(num_register_tokens=2)).eval()
+    maps = encoder_maps(with_registers, pixels)
+    with torch.no_grad():
+        weights = with_registers(pixels, output_attentions=True).attentions[-1]  # [N, heads, 3 + 49, 3 + 49]
+    assert maps.attention.shape == (3, 2, 7, 7) and maps.patch_tokens.shape == (3, 7, 7, 32)
+    torch.testing.assert_close(maps.attention.reshape(3, 2, 49), weights[:, :, 0, 3:])
 
 
 def test_functions_work_on_model_backbone_and_pretraining_model_alike(tiny_config, fashion_images, tmp_path):

@@ -55,11 +55,13 @@ def dinov2_linear_features(encoder: nn.Module, hidden_states: Sequence[torch.Ten
     encoder's final norm, and the mean patch token of the last block, concatenated: ``[B, (blocks + 1) * D]``.
 
     ``hidden_states`` are the encoder's (``output_hidden_states=True``: the embeddings, then every block's output
-    before the final norm); an encoder of fewer blocks gives all of its blocks' CLS tokens."""
+    before the final norm); an encoder of fewer blocks gives all of its blocks' CLS tokens. Register tokens are left
+    out of the mean, as in the pooling."""
     blocks = hidden_states[1:][-DINOV2_LAST_BLOCKS:]
     norm = encoder.norm
-    normed = [norm(block.to(norm.weight.dtype)).float() for block in blocks]  # each [B, 1 + L, D]
-    return torch.cat([tokens[:, 0] for tokens in normed] + [pool_tokens(normed[-1], "mean")], dim=1)
+    prefix = getattr(encoder.config, "num_prefix_tokens", 1)
+    normed = [norm(block.to(norm.weight.dtype)).float() for block in blocks]  # each [B, prefix + L, D]
+    return torch.cat([tokens[:, 0] for tokens in normed] + [pool_tokens(normed[-1], "mean", prefix)], dim=1)
 
 
 class _FeatureTokens(nn.Module):
@@ -67,7 +69,7 @@ class _FeatureTokens(nn.Module):
     (``cls``, ``mean``, ``dinov2``) side by side, from one forward pass.
 
     ``extract_features(..., pool="none")`` then returns them all, while keeping a few vectors per image in memory
-    instead of all ``1 + L`` tokens; ``dims`` says where each feature lies.
+    instead of all ``num_prefix_tokens + L`` tokens; ``dims`` says where each feature lies.
     """
 
     def __init__(self, encoder: nn.Module, kinds: Sequence[str]) -> None:
@@ -81,9 +83,11 @@ class _FeatureTokens(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
         output = self.encoder(pixel_values=pixel_values, output_hidden_states=DINOV2 in self.kinds)
-        tokens = output.last_hidden_state.float()  # [B, 1 + L, D]
+        tokens = output.last_hidden_state.float()  # [B, prefix + L, D]
+        prefix = getattr(self.config, "num_prefix_tokens", 1)
         features = [
-            dinov2_linear_features(self.encoder, output.hidden_states) if kind == DINOV2 else pool_tokens(tokens, kind)
+            dinov2_linear_features(self.encoder, output.hidden_states) if kind == DINOV2
+            else pool_tokens(tokens, kind, prefix)
             for kind in self.kinds
         ]
         return SimpleNamespace(last_hidden_state=torch.cat(features, dim=1).unsqueeze(1))  # [B, 1, F]

@@ -69,7 +69,8 @@ def reconstruction_grid(
     pixel_values = pixel_values.to(device)
     noise = torch.rand(pixel_values.shape[:1] + (model.config.num_patches,), generator=torch.Generator().manual_seed(seed))
     # the decoder must run to draw it, even for a contrastive-only model
-    tokens, mask, ids_restore, _ = model.macrl.forward_encoder(pixel_values, model.config.mask_ratio, noise.to(device))
+    encoded = model.macrl(pixel_values, mask_ratio=model.config.mask_ratio, noise=noise.to(device))
+    tokens, mask, ids_restore = encoded.last_hidden_state, encoded.mask, encoded.ids_restore
     if ids_restore is None:
         mask = torch.zeros(noise.shape, device=device)
         ids_restore = torch.arange(noise.shape[1], device=device).expand(noise.shape[0], -1)
