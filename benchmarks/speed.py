@@ -521,6 +521,8 @@ def time_round_robin(
 ) -> None:
     """Warm every case up, then time one step of each case per repeat, starting the round at a different case."""
     names = list(steps)
+    if not names:  # every case failed to build: their rows carry the errors
+        return
     for _ in range(warmup):
         for name in names:
             _run_guarded(name, steps, results, device, record=False)

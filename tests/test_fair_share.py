@@ -46,9 +46,11 @@ def test_under_outside_load_the_command_waits_instead_of_spinning(outside_load, 
     # who sets GOMP_SPINCOUNT keeps: its threads burn CPU time that the busy processes and the run's own threads need
     spinning = _run(tmp_path / "libgomp-default", GOMP_SPINCOUNT="300000")
     assert spinning["omp_wait_policy"] == "DEFAULT" and spinning["steps"] == passive["steps"] == 20
-    # the CPU time the training loop took, all its threads: the same work, without the spinning
+    # the CPU time the training loop took, all its threads: the same work, without the spinning. How much the spinning
+    # burns depends on the CPU and its kernels' lengths (4.1x on a 2-core AMX Xeon, 1.24x on a CI machine); the same
+    # waiting twice differs by a few percent
     used = passive["training_cpu_seconds"], spinning["training_cpu_seconds"]
-    assert used[1] > 2 * used[0], used
+    assert used[1] > 1.1 * used[0], used
 
 
 def test_only_macrl_commands_change_the_waiting(monkeypatch):

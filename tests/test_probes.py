@@ -80,6 +80,17 @@ def test_label_fraction_probes_use_the_subset_as_memory_and_training_set():
     assert not any(key.startswith("knn_accuracy_dinov2") or key.endswith("dinov2_10pct") for key in results)
 
 
+def test_a_labelled_subset_too_small_for_the_probes_validation_split_gets_the_knn_only(caplog):
+    # 4 classes of 24 training images (the GPU check's tiny folder): 1% of the labels is one image a class
+    labels = torch.arange(4).repeat(24)
+    features = torch.randn(96, 8, generator=torch.Generator().manual_seed(0)) + 3 * torch.nn.functional.one_hot(labels, 8)
+    with caplog.at_level("WARNING", logger="macrl.evaluation.frozen_features"):
+        results = evaluate_features({"cls": features}, labels, {"cls": features}, labels, 4, label_fractions=(0.01, 0.25))
+    assert "knn_accuracy_cls_1pct" in results and "linear_probe_accuracy_cls_1pct" not in results
+    assert "linear_probe_accuracy_cls_25pct" in results  # 24 images: 2 held out for the search
+    assert "no 1pct linear probe: 1% of the labels is 4 images" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def eval_folder(tmp_path_factory) -> Path:
     """300 labelled Fashion-MNIST test images in class subfolders: a seeded tenth is held out as the queries."""
