@@ -18,7 +18,7 @@ from macrl.data import (
     TwoViewCollator,
     TwoViewDataset,
 )
-from macrl.data.batch_augmentations import NUM_UNIFORMS, _rotate_hue, crop_boxes, resized_crop_and_flip
+from macrl.data.batch_augmentations import NUM_UNIFORMS, rotate_hue, crop_boxes, resized_crop_and_flip
 from macrl.presets import load_config
 from macrl.training.arguments import PretrainingArguments
 from macrl.training.data import build_augmentation, build_pretraining_data
@@ -122,10 +122,10 @@ def test_rgb_views_and_hue_rotation_keeps_greys():
     strong = BatchAugmentation(cfg, "strong")(images, _uniforms(32))
     assert strong.shape == (32, 3, 16, 16) and torch.isfinite(strong).all()
     grey = torch.rand(5, 1, 6, 6).expand(5, 3, 6, 6)
-    torch.testing.assert_close(_rotate_hue(grey, torch.linspace(-0.5, 0.5, 5)), grey, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate_hue(grey, torch.linspace(-0.5, 0.5, 5)), grey, atol=1e-5, rtol=0)
     colour = torch.rand(2, 3, 4, 4) * 0.5 + 0.25
-    assert not torch.allclose(_rotate_hue(colour, torch.tensor([0.1, 0.1])), colour, atol=1e-3)
-    torch.testing.assert_close(_rotate_hue(colour, torch.zeros(2)), colour, atol=1e-5, rtol=0)
+    assert not torch.allclose(rotate_hue(colour, torch.tensor([0.1, 0.1])), colour, atol=1e-3)
+    torch.testing.assert_close(rotate_hue(colour, torch.zeros(2)), colour, atol=1e-5, rtol=0)
 
 
 def test_wrong_channels_and_mixed_sizes_are_named():

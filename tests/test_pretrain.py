@@ -283,13 +283,13 @@ def test_max_minutes_on_fewer_batches_than_the_probe_times(tmp_path):
 
 def test_raw_pixel_floor_is_computed_once_and_reused(tmp_path, capsys):
     """The floor is a deterministic figure of the images: the first run computes and keeps it, the next reads it."""
-    from macrl.training.final_evaluation import _cache_dir
+    from macrl.training.final_evaluation import raw_pixel_floor_cache_dir
 
     flags = [*FAST, "--max-steps", "2", "--limit-images", "64", "--eval-images", "64", "--no-linear-probe"]
     assert _run(*flags, "--output-dir", tmp_path / "first") == 0
     first = json.loads((tmp_path / "first" / "results.json").read_text())
     assert "linear_probe_accuracy" not in first and "raw_pixels_linear_probe_accuracy" not in first
-    (kept,) = [path for path in _cache_dir().glob("*.json") if json.loads(path.read_text())["knn_accuracy_pixels"]
+    (kept,) = [path for path in raw_pixel_floor_cache_dir().glob("*.json") if json.loads(path.read_text())["knn_accuracy_pixels"]
                == first["raw_pixels_knn_accuracy"]]
     kept.write_text(json.dumps({**json.loads(kept.read_text()), "knn_accuracy_pixels": 12.5}))
     assert _run(*flags, "--output-dir", tmp_path / "second") == 0

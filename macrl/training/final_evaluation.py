@@ -18,7 +18,7 @@ from ..evaluation.labels import EvaluationDataError
 from ..image_processing_macrl import MACRLImageProcessor
 from .data import PretrainingData
 
-__all__ = ["final_evaluation", "raw_pixel_floor"]
+__all__ = ["final_evaluation", "raw_pixel_floor", "raw_pixel_floor_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def _small_enough(memory: ImageSource, queries: ImageSource, channels: int) -> b
     return height * width * channels <= RAW_PIXELS_MAX_VALUES
 
 
-def _cache_dir() -> Path:
+def raw_pixel_floor_cache_dir() -> Path:
+    """Where `raw_pixel_floor` keeps its figures: `~/.cache/macrl/raw-pixel-floor` (`XDG_CACHE_HOME`)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "macrl" / "raw-pixel-floor"
 
 
@@ -99,7 +100,7 @@ def raw_pixel_floor(train: ImageSource, test: ImageSource, *, linear_probe: bool
     """`evaluate_raw_pixels` of the two sources, kept in `~/.cache/macrl/raw-pixel-floor/` (`XDG_CACHE_HOME`): a
     deterministic figure that takes about a minute for Fashion-MNIST, so every later run on the same images reuses
     it."""
-    path = _cache_dir() / f"{_fingerprint(train, test, linear_probe, seed)}.json"
+    path = raw_pixel_floor_cache_dir() / f"{_fingerprint(train, test, linear_probe, seed)}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
