@@ -4,11 +4,13 @@
     python benchmarks/quality.py --minutes 30 --seeds 0 --methods macrl   # the long MACRL run on its own
 
 Each run is the real `macrl-pretrain` (same encoder, data, augmentations and budget; `--max-minutes` fits the step
-count to the budget from a timing of real steps), then both poolings of the encoder are evaluated on the
-Fashion-MNIST test split with the weighted kNN (k=20, T=0.07) and a linear probe on frozen features. Two floors sit
-beside them: the same encoder at random initialisation, and raw pixels. Finished runs are cached in
-`--output-dir/<run>/quality.json`, so the benchmark can be run in parts and only missing runs are redone; a run
-cut short continues from its last checkpoint.
+count to the budget from a timing of real steps), then the encoder's CLS feature is evaluated on the Fashion-MNIST
+test split with every probe the main job reports: the weighted kNN (k=20, T=0.07) and the linear probe with all the
+training labels, with 1% and with 10% of them (seeded, class-balanced), and DINOv2's linear protocol (the CLS tokens
+of the last 4 blocks and the mean patch token). Two floors sit beside them: the same encoder at random
+initialisation, and raw pixels (whose "DINOv2" column is the plain linear probe: pixels have no blocks).
+Finished runs are cached in `--output-dir/<run>/quality.json`, so the benchmark can be run in parts and only missing
+runs are redone; a run cut short continues from its last checkpoint.
 One table is printed (and written as markdown and JSON): a method's value is the mean over seeds, with the spread
 (max - min) beside it; a gap smaller than the spread is a tie.
 """
@@ -25,8 +27,9 @@ import torch
 
 from macrl import MACRLImageProcessor, MACRLModel
 from macrl.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTSource
-from macrl.evaluation import POOLS, evaluate_encoder
+from macrl.evaluation import evaluate_encoder
 from macrl.evaluation import evaluate_raw_pixels as raw_pixels
+from macrl.evaluation.label_subsets import DEFAULT_LABEL_FRACTIONS
 from macrl.precision import cpu_runs_bf16_fast
 from macrl.presets import load_config
 
@@ -65,18 +68,34 @@ def run_pretraining(
     return json.loads((run_dir / "results.json").read_text())
 
 
-def _scores(results: dict, pools: tuple[str, ...] = POOLS) -> dict:
-    """The library's evaluation results as this table's `knn_<pool>` / `linear_<pool>` percentages."""
+# the table's columns: (key, title, the library's result key with {pool} for the pooling)
+METRICS = (
+    ("knn_cls", "kNN", "knn_accuracy_{pool}"),
+    ("linear_cls", "linear", "linear_probe_accuracy_{pool}"),
+    ("knn_1pct", "kNN 1%", "knn_accuracy_{pool}_1pct"),
+    ("linear_1pct", "linear 1%", "linear_probe_accuracy_{pool}_1pct"),
+    ("knn_10pct", "kNN 10%", "knn_accuracy_{pool}_10pct"),
+    ("linear_10pct", "linear 10%", "linear_probe_accuracy_{pool}_10pct"),
+    ("linear_dinov2", "linear DINOv2", "linear_probe_accuracy_dinov2"),
+)
+
+
+def _scores(results: dict, pool: str) -> dict:
+    """The library's evaluation results as this table's percentages (`knn_cls`, `linear_1pct`, ...); the raw
+    pixels' DINOv2 column is their plain linear probe."""
     scores = {}
-    for pool in pools:
-        scores[f"knn_{pool}"] = round(results[f"knn_accuracy_{pool}"], 2)
-        scores[f"linear_{pool}"] = round(results[f"linear_probe_accuracy_{pool}"], 2)
+    for key, _, source in METRICS:
+        name = source.format(pool=pool)
+        if pool == "pixels" and key == "linear_dinov2":
+            name = "linear_probe_accuracy_pixels"
+        if name in results:
+            scores[key] = round(results[name], 2)
     return scores
 
 
 def evaluate_fashion_encoder(encoder_dir: Path | None, config_name: str, seed: int, dtype: str) -> dict:
-    """kNN and linear probe of the CLS and mean-pooled features on Fashion-MNIST's test split (`macrl-eval`'s
-    protocol, `macrl.evaluation.evaluate_encoder`); a random-init encoder when `encoder_dir` is None."""
+    """Every probe of the CLS feature on Fashion-MNIST's test split (`macrl-eval`'s protocol,
+    `macrl.evaluation.evaluate_encoder`); a random-init encoder when `encoder_dir` is None."""
     if encoder_dir is None:
         torch.manual_seed(seed)
         model = MACRLModel(load_config(config_name))
@@ -89,15 +108,17 @@ def evaluate_fashion_encoder(encoder_dir: Path | None, config_name: str, seed: i
         processor = MACRLImageProcessor.from_pretrained(encoder_dir)
     results = evaluate_encoder(
         model, processor, FashionMNISTSource("train"), FashionMNISTSource("test"),
-        pools=POOLS, batch_size=512, dtype=dtype, seed=seed, progress=False,
+        pools=("cls",), batch_size=512, dtype=dtype, seed=seed, progress=False,
+        label_fractions=DEFAULT_LABEL_FRACTIONS, dinov2_linear=True,
     )
-    return _scores(results)
+    return _scores(results, "cls")
 
 
 def evaluate_raw_pixels(seed: int) -> dict:
-    results = raw_pixels(FashionMNISTSource("train"), FashionMNISTSource("test"), seed=seed)
-    return {"knn_cls": round(results["knn_accuracy_pixels"], 2),
-            "linear_cls": round(results["linear_probe_accuracy_pixels"], 2)}
+    results = raw_pixels(
+        FashionMNISTSource("train"), FashionMNISTSource("test"), seed=seed, label_fractions=DEFAULT_LABEL_FRACTIONS
+    )
+    return _scores(results, "pixels")
 
 
 def cached(path: Path, compute) -> dict:
@@ -112,12 +133,11 @@ def cached(path: Path, compute) -> dict:
 
 
 def summarise(rows: dict[str, list[dict]], minutes: float, precision: str) -> str:
-    metrics = ("knn_cls", "knn_mean", "linear_cls", "linear_mean")
-    header = "| method | kNN CLS | kNN mean | linear CLS | linear mean | pretraining min | img/s | seeds |"
-    lines = [header, "|" + "---|" * 8]
+    header = "| method | " + " | ".join(title for _, title, _ in METRICS) + " | pretraining min | img/s | seeds |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
     for name, results in rows.items():
         cells = []
-        for metric in metrics:
+        for metric, _, _ in METRICS:
             values = [r[metric] for r in results if metric in r]
             if not values:
                 cells.append("–")
@@ -132,7 +152,9 @@ def summarise(rows: dict[str, list[dict]], minutes: float, precision: str) -> st
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"Budget: {minutes} min of pretraining per run, {precision}; ± is the spread (max - min) over seeds."
+        f"Budget: {minutes} min of pretraining per run, {precision}; ± is the spread (max - min) over seeds. CLS "
+        "features; 1% / 10%: the probes with that share of the training labels; DINOv2: the CLS tokens of the last "
+        "4 blocks and the mean patch token (for raw pixels, the plain linear probe)."
     )
     return "\n".join(lines)
 

@@ -7,7 +7,12 @@ folders (and a `MACRLConfig` serves as the `backbone_config` of dense-prediction
 `trust_remote_code=True` needs where macrl is absent.
 """
 
-from transformers import (
+# first of all: a macrl command's OpenMP waits passively (it reads its settings when torch is loaded)
+from .openmp_waiting import wait_passively_in_commands
+
+wait_passively_in_commands()
+
+from transformers import (  # noqa: E402
     AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
@@ -16,15 +21,15 @@ from transformers import (
     AutoModelForPreTraining,
 )
 
-from .configuration_macrl import MACRLConfig
-from .image_processing_macrl import MACRLImageProcessor
-from .modeling_macrl import (
+from .configuration_macrl import MACRLConfig  # noqa: E402
+from .image_processing_macrl import MACRLImageProcessor  # noqa: E402
+from .modeling_macrl import (  # noqa: E402
     MACRLForImageClassification,
     MACRLForPreTraining,
     MACRLModel,
     MACRLPreTrainedModel,
 )
-from .modeling_macrl_backbone import MACRLBackbone
+from .modeling_macrl_backbone import MACRLBackbone  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -36,7 +36,9 @@ from .command_line import (
 from .data import limit_source
 from .devices import resolve_device
 from .evaluation.frozen_features import check_labelled, evaluate_encoder
-from .evaluation.labels import open_labelled
+from .evaluation.label_subsets import DEFAULT_LABEL_FRACTIONS, check_fractions, fraction_name
+from .evaluation.labels import EvaluationDataError, open_labelled
+from .evaluation.raw_pixel_floor import floor_applies, raw_pixel_floor
 from .loading import load_encoder_and_processor
 from .model_card import card_evaluation, update_model_card
 from .precision import slow_precision_warning
@@ -50,20 +52,33 @@ logger = logging.getLogger(__name__)
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-    """A small text table: one row per metric, one column per pooling, then counts and timings."""
+    """A small text table: one row per metric (all the labels, then each label fraction), one column per pooling and
+    one for the raw-pixel floor, DINOv2's linear protocol, then counts and timings."""
     pools = list(results.get("pools") or [])
+    if any(key.startswith(("knn_accuracy_pixels", "linear_probe_accuracy_pixels")) for key in results):
+        pools.append("pixels")
+    suffixes = [""] + [f"_{fraction_name(fraction)}" for fraction in results.get("label_fractions") or []]
     rows = []
-    if any(f"knn_accuracy_{pool}" in results for pool in pools):
-        rows.append((f"kNN accuracy (k={results.get('knn_k', 20)}) %", "knn_accuracy"))
-    if any(f"linear_probe_accuracy_{pool}" in results for pool in pools):
-        rows.append(("linear probe accuracy %", "linear_probe_accuracy"))
-    label_width = max([len(label) for label, _ in rows] + [len("fine-tuning accuracy %")])
+    for suffix in suffixes:
+        share = f", {suffix[1:-3]}% of labels" if suffix else ""
+        for label, key in ((f"kNN accuracy (k={results.get('knn_k', 20)}){share} %", "knn_accuracy"),
+                           (f"linear probe accuracy{share} %", "linear_probe_accuracy")):
+            if any(f"{key}_{pool}{suffix}" in results for pool in pools):
+                rows.append((label, key, suffix))
+    label_width = max([len(label) for label, _, _ in rows] + [len("fine-tuning accuracy %")])
     lines = []
     if rows:
         lines.append(f"{'metric':<{label_width}}" + "".join(f"{pool:>10}" for pool in pools))
-        for label, key in rows:
-            values = [results.get(f"{key}_{pool}") for pool in pools]
+        for label, key, suffix in rows:
+            values = [results.get(f"{key}_{pool}{suffix}") for pool in pools]
             lines.append(f"{label:<{label_width}}" + "".join(f"{'-' if v is None else f'{v:.2f}':>10}" for v in values))
+    if "linear_probe_accuracy_dinov2" in results:
+        floor = results.get("linear_probe_accuracy_pixels")
+        lines.append(
+            f"{'linear probe, DINOv2 protocol %':<{label_width}}{results['linear_probe_accuracy_dinov2']:>10.2f}"
+            "   (CLS of the last 4 blocks + mean patch token"
+            + (f"; raw pixels' linear probe {floor:.2f})" if floor is not None else ")")
+        )
     if "finetune_accuracy" in results:
         lines.append(
             f"{'fine-tuning accuracy %':<{label_width}}{results['finetune_accuracy']:>10.2f}"
@@ -122,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--knn-temperature", type=positive_float, default=0.07, help="kNN temperature (default: %(default)s)")
     add("--linear-probe", action=argparse.BooleanOptionalAction, default=True, help="linear probe (default: on)")
     add(
+        "--label-fractions", type=float, nargs="*", default=list(DEFAULT_LABEL_FRACTIONS), metavar="FRACTION",
+        help="also run the kNN and linear probe with these fractions of the training labels (seeded, the same share "
+        "of every class: SimCLR / BYOL's label-efficiency probes); no value for none (default: 0.01 0.1)",
+    )
+    add(
+        "--dinov2-linear", action=argparse.BooleanOptionalAction, default=True,
+        help="with the linear probe, also DINOv2's linear protocol: the CLS tokens of the last 4 blocks and the mean "
+        "patch token (default: on)",
+    )
+    add(
+        "--raw-pixel-floor", action=argparse.BooleanOptionalAction, default=True,
+        help="the same probes on the images' raw pixels, the floor an encoder has to beat (images of one size of at "
+        "most 64x64x3 values; computed once per data set, kept in ~/.cache/macrl) (default: on)",
+    )
+    add(
         "--pool", choices=POOL_CHOICES, default="both",
         help="feature(s) for kNN / linear probe: CLS token, mean of patch tokens, or both from one pass "
         "(default: %(default)s)",
@@ -171,6 +201,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if args.layer_decay is not None and not 0.0 < args.layer_decay <= 1.0:
         raise UsageError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    try:
+        check_fractions(args.label_fractions)
+    except ValueError as error:
+        raise UsageError(f"--label-fractions: {error}") from error
     if not 0.0 < args.test_fraction < 1.0:
         raise UsageError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.update_card:
@@ -240,9 +274,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=args.batch_size, device=device, dtype=args.dtype,
                 knn_k=args.knn_k, knn_temperature=args.knn_temperature, seed=args.seed,
                 num_workers=args.num_workers, skip_unreadable=args.skip_unreadable, progress=show_progress,
-                compile=args.compile,
+                compile=args.compile, label_fractions=args.label_fractions, dinov2_linear=args.dinov2_linear,
             )
         )
+        channels = 1 if mode == "L" else 3
+        if args.raw_pixel_floor and not results["skipped_images"] and floor_applies(train, test, channels):
+            try:
+                floor = raw_pixel_floor(
+                    train, test, linear_probe=args.linear_probe, seed=args.seed,
+                    label_fractions=tuple(args.label_fractions),
+                )
+            except EvaluationDataError as error:  # images of several sizes: no pixel vectors to compare
+                logger.info("no raw-pixel floor: %s", error)
+            else:
+                results.update({key: value for key, value in floor.items() if "_pixels" in key})
     if args.finetune_epochs > 0 or args.finetune_max_steps:
         from .evaluation.finetune import finetune
 

@@ -48,6 +48,9 @@ TRAINING_LABELS = {
 # `evaluation` keys; anything else is a typo the caller wants to hear about
 EVALUATION_KEYS = ("dataset_name", "dataset_type", "split", "metrics")
 METRIC_LABELS = {"knn_accuracy": "kNN accuracy", "linear_probe_accuracy": "Linear-probe accuracy"}
+# an encoder's frozen-feature accuracies under the main job's names: all the labels, a fraction of them (`_1pct`), or
+# DINOv2's linear protocol (`_dinov2`); these go into the model-index
+ACCURACY_METRIC = re.compile(r"^(knn_accuracy|linear_probe_accuracy)(?:_(dinov2|[0-9.]+pct))?$")
 # the timm arguments a card always shows, defaults or not: they say what the model is
 _TIMM_SIZE_ARGUMENTS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -152,12 +155,28 @@ def _training_rows(training: Mapping) -> list[tuple[str, str]]:
 
 
 def _metric_label(name: str) -> str:
-    return METRIC_LABELS.get(name, name.replace("_", " ").capitalize())
+    """`knn_accuracy` -> "kNN accuracy", `knn_accuracy_1pct` -> "kNN accuracy (1% of the labels)",
+    `linear_probe_accuracy_dinov2` -> "Linear-probe accuracy (DINOv2 protocol)"; other names as words."""
+    if not (match := ACCURACY_METRIC.match(name)):
+        return METRIC_LABELS.get(name, name.replace("_", " ").capitalize())
+    probe, variant = match.groups()
+    if variant == "dinov2":
+        return f"{METRIC_LABELS[probe]} (DINOv2 protocol)"
+    return f"{METRIC_LABELS[probe]} ({variant[:-3]}% of the labels)" if variant else METRIC_LABELS[probe]
+
+
+def accuracy_metrics(accuracies: Mapping[str, Any]) -> dict[str, float]:
+    """The card's metrics from percentages under the main job's names (`knn_accuracy`, `knn_accuracy_1pct`,
+    `linear_probe_accuracy_dinov2`, ...): those names only, as fractions."""
+    return {name: round(value / 100, 4) for name, value in accuracies.items() if ACCURACY_METRIC.match(name)}
 
 
 def _eval_results(evaluation: Mapping) -> list[EvalResult]:
     """model-index entries for the accuracy metrics (kNN, linear probe, ...) of `evaluation`."""
-    accuracies = {name: value for name, value in evaluation["metrics"].items() if name.endswith("accuracy")}
+    accuracies = {
+        name: value for name, value in evaluation["metrics"].items()
+        if name.endswith("accuracy") or ACCURACY_METRIC.match(name)
+    }
     if not accuracies:
         return []
     dataset_type = evaluation.get("dataset_type") or evaluation.get("dataset_name")
@@ -209,8 +228,9 @@ def render_model_card(
             `batch_size`, `learning_rate` (or `lr`), `weight_decay`, `optimizer`, `minutes`, `hardware`, plus any
             other key (listed with its name). Missing or None values are left out.
         evaluation: `{"dataset_name": "Fashion-MNIST", "dataset_type": "fashion_mnist", "split": "test",
-            "metrics": {"knn_accuracy": 0.83, "linear_probe_accuracy": 0.85, ...}}`. Every metric goes into the
-            card's table; those whose name ends in `accuracy` also into the `model-index` metadata.
+            "metrics": {"knn_accuracy": 0.83, "linear_probe_accuracy": 0.85, "knn_accuracy_1pct": 0.76, ...}}`.
+            Every metric goes into the card's table; the accuracies (names ending in `accuracy`, and the
+            label-fraction and DINOv2-protocol ones, `ACCURACY_METRIC`) also into the `model-index` metadata.
         license: the license identifier of the front matter.
         datasets: Hub dataset ids of the pre-training data, for the front matter.
     """
@@ -306,10 +326,12 @@ def card_evaluation(results: Mapping[str, Any], dataset: Mapping[str, str], pool
 
     The fine-tuning accuracy is left out: the card presents its results as frozen-feature ones."""
     used = pool if any(key.endswith(f"_{pool}") for key in results) else (results.get("pools") or [pool])[0]
-    metrics: dict[str, Any] = {}
-    for key in ("knn_accuracy", "linear_probe_accuracy"):
-        if f"{key}_{used}" in results:
-            metrics[key] = round(results[f"{key}_{used}"] / 100, 4)
+    # macrl-eval's names (`knn_accuracy_cls_1pct`) without the pooling, as the main job names them
+    own = re.compile(rf"^(knn_accuracy|linear_probe_accuracy)_{used}(_[0-9.]+pct)?$")
+    renamed = {"".join(match.groups(default="")): value for key, value in results.items() if (match := own.match(key))}
+    if "linear_probe_accuracy_dinov2" in results:
+        renamed["linear_probe_accuracy_dinov2"] = results["linear_probe_accuracy_dinov2"]
+    metrics: dict[str, Any] = accuracy_metrics(renamed)
     if not metrics:
         return None
     if "test_images" in results:
@@ -338,6 +360,7 @@ def update_model_card(folder: str | Path, config, evaluation: Mapping[str, Any])
 
 
 __all__ = [
+    "accuracy_metrics",
     "render_model_card",
     "write_model_card",
     "update_model_card",

@@ -160,12 +160,25 @@ class MACRLPatchEmbeddings(nn.Module):
         return self.proj(pixel_values).flatten(2).transpose(1, 2)  # [B, D, H/p, W/p] -> [B, L, D]
 
 
+def sdpa_backward_is_slow(query: torch.Tensor) -> bool:
+    """Whether PyTorch's sdpa would run this attention through its CPU flash kernel in half precision with a
+    backward pass to follow: that backward runs 1.3x (197 tokens) to 10x (17 tokens) slower than the eager
+    computation on ViT sizes, while its forward alone is as fast or faster (benchmarks/results/attention-cpu.md)."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and query.requires_grad
+        and torch.is_grad_enabled()
+    )
+
+
 class MACRLAttention(nn.Module):
     """Multi-head self-attention with timm's fused `qkv` and `proj` layers, computed by the attention function
     `config._attn_implementation` names (eager, sdpa, flex_attention, flash_attention_*).
 
     sdpa, flex and flash never materialise the attention weights: a call with `output_attentions=True` is computed
-    eagerly, so it returns them whatever the implementation.
+    eagerly, so it returns them whatever the implementation. So is an sdpa call on a CPU in bf16 / fp16 that will be
+    backpropagated (`sdpa_backward_is_slow`: training and fine-tuning on a CPU): the same maths, much faster there.
     """
 
     def __init__(self, config: MACRLConfig, dim: int, num_heads: int):
@@ -186,7 +199,9 @@ class MACRLAttention(nn.Module):
         batch_size, num_tokens, dim = hidden_states.shape  # [N, T, D]
         qkv = self.qkv(hidden_states).reshape(batch_size, num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [N, heads, T, D / heads]
-        implementation = "eager" if output_attentions else self.config._attn_implementation
+        implementation = self.config._attn_implementation
+        if output_attentions or (implementation == "sdpa" and sdpa_backward_is_slow(query)):
+            implementation = "eager"
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,

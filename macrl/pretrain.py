@@ -43,11 +43,45 @@ def _parse(parser: HfArgumentParser, argv: Sequence[str] | None) -> PretrainingA
     return args
 
 
-def _accuracies(results: dict, prefix: str = "") -> str:
-    shown = f"kNN (k=20) {results[prefix + 'knn_accuracy']:.2f}%"
-    if prefix + "linear_probe_accuracy" in results:
-        shown += f", linear probe {results[prefix + 'linear_probe_accuracy']:.2f}%"
+# the rows of the run's last report: (label, key in results.json without its `raw_pixels_` prefix)
+_REPORT_ROWS = (
+    ("kNN (k=20), all labels", "knn_accuracy"),
+    ("linear probe, all labels", "linear_probe_accuracy"),
+)
+
+
+def report_rows(results: dict) -> list[tuple[str, float, float | None]]:
+    """(probe, encoder accuracy, raw-pixel accuracy or None) for every probe in `results`, in the order of the
+    report: all labels, each label fraction (`knn_accuracy_1pct`, ...), DINOv2's linear protocol (beside the pixels'
+    plain linear probe: on pixels there are no blocks to take tokens from)."""
+    rows = list(_REPORT_ROWS)
+    for fraction in sorted({key.rsplit("_", 1)[1] for key in results if key.startswith("knn_accuracy_")},
+                           key=lambda name: float(name[:-3])):
+        share = f"{fraction[:-3]}% of the labels"
+        rows += [(f"kNN (k=20), {share}", f"knn_accuracy_{fraction}"),
+                 (f"linear probe, {share}", f"linear_probe_accuracy_{fraction}")]
+    shown = [(label, results[key], results.get(f"raw_pixels_{key}")) for label, key in rows if key in results]
+    if "linear_probe_accuracy_dinov2" in results:
+        shown.append(("linear probe, DINOv2 protocol", results["linear_probe_accuracy_dinov2"],
+                      results.get("raw_pixels_linear_probe_accuracy")))
     return shown
+
+
+def format_report(results: dict) -> str:
+    """The run's last lines about its encoder: a table of every probe beside the same probe on raw pixels."""
+    images = f"{results['knn_test_images']} {results['eval_split']} images"  # "10000 test images"
+    if "eval_data" in results:
+        images += f" of {results['eval_data']}"
+    rows = report_rows(results)
+    with_floor = any(pixels is not None for _, _, pixels in rows)
+    lines = [f"the encoder on {images}" + (", beside the same probe on their raw pixels (the floor):" if with_floor
+                                           else ":")]
+    width = max(len(label) for label, _, _ in rows)
+    lines.append(f"  {'probe':<{width}}  encoder" + ("  raw pixels" if with_floor else ""))
+    for label, encoder, pixels in rows:
+        floor = "" if pixels is None else f"  {pixels:>9.2f}%"
+        lines.append(f"  {label:<{width}}  {encoder:>6.2f}%{floor}")
+    return "\n".join(lines)
 
 
 def run(args: PretrainingArguments) -> dict:
@@ -60,12 +94,7 @@ def run(args: PretrainingArguments) -> dict:
     if results:
         output_dir = Path(args.output_dir)
         if "knn_accuracy" in results:
-            images = f"{results['knn_test_images']} {results['eval_split']} images"  # "10000 test images"
-            if "eval_data" in results:
-                images += f" of {results['eval_data']}"
-            print(f"the encoder on {images}: {_accuracies(results)}")
-            if "raw_pixels_knn_accuracy" in results:
-                print(f"the same on their raw pixels (the floor):  {_accuracies(results, 'raw_pixels_')}")
+            print(format_report(results))
         elif args.knn:
             print("no kNN evaluation: the data has no labelled held-out images (--eval-data names some)")
         print(f"encoder (MACRLModel + image processor + model card): {output_dir / 'encoder'}")

@@ -255,3 +255,31 @@ def test_checkpoints_with_a_momentum_decoder_still_load(tiny_config, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert not hasattr(loaded, "momentum_decoder")
+
+
+def _attention_ops(model, pixels, *, autocast: bool, backward: bool) -> set[str]:
+    """The attention kernels one forward (and backward) of `model` runs on the CPU, by the profiler's op names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(backward):
+            loss = model(pixels, pixels).loss
+        if backward:
+            loss.backward()
+    return {event.key for event in prof.key_averages() if "attention" in event.key or event.key == "aten::bmm"}
+
+
+def test_cpu_training_in_bf16_runs_attention_eagerly(tiny_config, fashion_images):
+    """sdpa's CPU flash kernel has a slow half-precision backward (benchmarks/results/attention-cpu.md): a bf16
+    training step on a CPU computes attention eagerly, while fp32 steps and no-grad forwards keep sdpa."""
+    pixels = fashion_images[0][:8]
+    model = MACRLForPreTraining(tiny_config(attn_implementation="sdpa")).train()
+    assert model.config._attn_implementation == "sdpa"
+    training_bf16 = _attention_ops(model, pixels, autocast=True, backward=True)
+    assert "aten::bmm" in training_bf16
+    assert not any("flash_attention_for_cpu_backward" in op for op in training_bf16)
+    # the momentum branch's forward needs no gradient: sdpa's fast forward stays
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in training_bf16
+    fp32_training = _attention_ops(model, pixels, autocast=False, backward=True)
+    assert any("flash_attention_for_cpu_backward" in op for op in fp32_training)
+    assert "aten::bmm" not in _attention_ops(model, pixels, autocast=True, backward=False)

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
-from macrl.pretrain import build_parser, main
+from macrl.pretrain import build_parser, format_report, main
 from macrl.training.plan import StepPlan, build_training_arguments, plan_run
 from tests.image_folders import write_class_folders
 from tests.saved_datasets import write_dataset_dict
@@ -40,14 +40,10 @@ def test_smoke_default_data_writes_every_output(tmp_path, capsys):
     assert results["steps"] == 4 and 0 <= results["knn_accuracy"] <= 100
     assert results["eval_split"] == "test" and "eval_data" not in results  # Fashion-MNIST's own test split
     assert 0 <= results["linear_probe_accuracy"] <= 100
-    assert (
-        f"the encoder on 40 test images: kNN (k=20) {results['knn_accuracy']:.2f}%, "
-        f"linear probe {results['linear_probe_accuracy']:.2f}%" in printed
-    )
-    assert (
-        f"the same on their raw pixels (the floor):  kNN (k=20) {results['raw_pixels_knn_accuracy']:.2f}%, "
-        f"linear probe {results['raw_pixels_linear_probe_accuracy']:.2f}%" in printed
-    )
+    assert format_report(results) in printed
+    assert "the encoder on 40 test images, beside the same probe on their raw pixels (the floor):" in printed
+    all_labels = printed.split("kNN (k=20), all labels")[1].split()[:2]
+    assert all_labels == [f"{results['knn_accuracy']:.2f}%", f"{results['raw_pixels_knn_accuracy']:.2f}%"]
     assert str(out / "encoder") in printed
     records = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -270,18 +266,18 @@ def test_max_minutes_on_fewer_batches_than_the_probe_times(tmp_path):
 
 def test_raw_pixel_floor_is_computed_once_and_reused(tmp_path, capsys):
     """The floor is a deterministic figure of the images: the first run computes and keeps it, the next reads it."""
-    from macrl.training.final_evaluation import raw_pixel_floor_cache_dir
+    from macrl.evaluation.raw_pixel_floor import raw_pixel_floor_cache
 
     flags = [*FAST, "--max-steps", "2", "--limit-images", "64", "--eval-images", "64", "--no-linear-probe"]
     assert _run(*flags, "--output-dir", tmp_path / "first") == 0
     first = json.loads((tmp_path / "first" / "results.json").read_text())
     assert "linear_probe_accuracy" not in first and "raw_pixels_linear_probe_accuracy" not in first
-    (kept,) = [path for path in raw_pixel_floor_cache_dir().glob("*.json") if json.loads(path.read_text())["knn_accuracy_pixels"]
-               == first["raw_pixels_knn_accuracy"]]
+    (kept,) = [path for path in raw_pixel_floor_cache().glob("*.json")
+               if json.loads(path.read_text())["knn_accuracy_pixels"] == first["raw_pixels_knn_accuracy"]]
     kept.write_text(json.dumps({**json.loads(kept.read_text()), "knn_accuracy_pixels": 12.5}))
     assert _run(*flags, "--output-dir", tmp_path / "second") == 0
     assert json.loads((tmp_path / "second" / "results.json").read_text())["raw_pixels_knn_accuracy"] == 12.5
-    assert "floor):  kNN (k=20) 12.50%" in capsys.readouterr().out
+    assert capsys.readouterr().out.split("kNN (k=20), all labels")[-1].split()[1] == "12.50%"  # the second run's
 
 
 @pytest.mark.slow  # torch.compile of a training step: a minute on 2 cores

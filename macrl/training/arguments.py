@@ -118,6 +118,17 @@ class PretrainingArguments:
     linear_probe: bool = _flag(
         True, "With the kNN evaluation at the end, the linear probe of macrl-eval too; --no-linear-probe to skip it."
     )
+    label_fractions: list[float] = field(
+        default_factory=lambda: [0.01, 0.1],
+        metadata={"help": "With the evaluation at the end, the kNN and linear probe also with these fractions of the "
+                  "training labels (seeded, the same share of every class: the label-efficiency probes of SimCLR / "
+                  "BYOL); --label-fractions with no value for none.", "nargs": "*"},
+    )
+    dinov2_linear: bool = _flag(
+        True,
+        "With the linear probe at the end, also DINOv2's linear protocol: the CLS tokens of the last 4 blocks and "
+        "the mean patch token; --no-dinov2-linear to skip it.",
+    )
     raw_pixel_floor: bool = _flag(
         True,
         "With the evaluation at the end, the same kNN / linear probe on the images' raw pixels, the floor an encoder "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..hub import push_encoder_to_hub, repo_has_readme
 from ..image_processing_macrl import MACRLImageProcessor
-from ..model_card import render_model_card, write_model_card
+from ..model_card import accuracy_metrics, render_model_card, write_model_card
 from ..modeling_macrl import MACRLForPreTraining
 
 __all__ = ["EncoderRelease"]
@@ -36,10 +36,7 @@ class EncoderRelease:
             card_evaluation = {
                 "dataset_type": self.evaluation_dataset or self.dataset_name,
                 "split": self.evaluation_split,
-                "metrics": {
-                    metric: evaluation[metric] / 100
-                    for metric in ("knn_accuracy", "linear_probe_accuracy") if metric in evaluation
-                },
+                "metrics": accuracy_metrics(evaluation),
             }
         card = render_model_card(
             model.config,

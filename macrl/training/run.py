@@ -25,6 +25,7 @@ from ..data.streaming_two_view_dataset import StreamPositions
 from ..errors import first_line
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
+from ..openmp_waiting import openmp_wait_policy
 from .arguments import PretrainingArguments
 from .budget import TrainingClock
 from .callbacks import (
@@ -74,10 +75,12 @@ def run_pretraining(args: PretrainingArguments) -> dict:
 
     # train
     checkpoint = None if plan.resume is None else plan.resume.checkpoint
+    cpu_started = time.process_time()
     try:
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     except (UnreadableImageError, UnreadableShardError) as error:
         raise type(error)(f"{first_line(error)}; the checkpoints so far are kept in {plan.checkpoint_dir}") from error
+    cpu_seconds = time.process_time() - cpu_started  # every thread of this process: the work, and any spinning
     skipped = trainer.skipped_unreadable()  # before rank 0 goes its own way: every process takes part
     if not trainer.is_world_process_zero():
         return {}
@@ -91,7 +94,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         logger.info("the run ended at its last step, %d", step)
     model = trainer.model.eval()
     model.save_pretrained(plan.output_dir)  # the full pre-training model, both branches
-    results = _training_results(args, plan, steps, data, trainer, train_output, callbacks, skipped)
+    results = _training_results(args, plan, steps, data, trainer, train_output, callbacks, skipped, cpu_seconds)
     evaluation, evaluation_error = None, None
     if args.knn:
         try:
@@ -99,6 +102,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                 model.macrl, release.processor, data, plan.device,
                 linear_probe=args.linear_probe, floor=args.raw_pixel_floor, seed=args.seed,
                 num_workers=plan.num_workers, skip_unreadable=args.skip_unreadable,
+                label_fractions=tuple(args.label_fractions), dinov2_linear=args.dinov2_linear,
             )
         except UnreadableImageError as error:  # after the training: write the encoder and results first, then say it
             evaluation_error = error
@@ -201,7 +205,7 @@ def _knn_monitor(
 
 def _training_results(
     args: PretrainingArguments, plan: RunPlan, steps: StepPlan, data: PretrainingData, trainer: MACRLPretrainer,
-    train_output, callbacks: RunCallbacks, skipped: int | None,
+    train_output, callbacks: RunCallbacks, skipped: int | None, cpu_seconds: float,
 ) -> dict:
     """What results.json says of the training itself."""
     epochs = trainer.state.epoch or 0.0
@@ -217,10 +221,12 @@ def _training_results(
         "training_minutes": round(seconds / 60, 2),
         "training_seconds": round(seconds, 2),
         "images_per_second": round(train_output.metrics.get("train_samples_per_second", 0.0), 1),
+        "training_cpu_seconds": round(cpu_seconds, 2),
         "stopped_by_time_budget": trainer.clock.stopped_by_budget,
         "bf16": steps.bf16,
         "fp16": args.fp16,
         "num_workers": plan.num_workers,
+        "omp_wait_policy": openmp_wait_policy(),
         "seconds_to_first_step": None if first_step is None else round(first_step, 2),
         "final_learning_rate": learning_rates[-1] if learning_rates else None,
         "final_momentum": trainer.momentum_update.momentum,
