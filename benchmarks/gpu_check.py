@@ -231,18 +231,26 @@ def trainer_step_syncs(config, batch: int, device: torch.device, output_dir: Pat
     at the last step."""
     from macrl import MACRLForPreTraining
     from macrl.training.arguments import PretrainingArguments
-    from macrl.training.trainer import MACRLPretrainer, build_training_arguments
+    from macrl.training.budget import TrainingClock
+    from macrl.training.callbacks import RunCallbacks
+    from macrl.training.checkpoints import AtomicCheckpoints
+    from macrl.training.plan import StepPlan, build_training_arguments, plan_run
+    from macrl.training.trainer import MACRLPretrainer
 
     args = PretrainingArguments(
         output_dir=str(output_dir), batch_size=batch, max_steps=steps, logging_steps=10**6, save_steps=10**6,
         bf16=bf16, device=device.type, num_workers=0 if device.type == "cpu" else None,
     )
-    training_args = build_training_arguments(args, output_dir / "checkpoints", steps, config, device)
+    plan = plan_run(args, device=device)
+    training_args = build_training_arguments(args, plan, StepPlan(max_steps=steps, bf16=bf16))
     counter = HostSyncCounter(device)
+    callbacks = RunCallbacks(
+        clock=TrainingClock(bf16=bf16), checkpoints=AtomicCheckpoints(plan.checkpoint_dir, 1),
+        extra=[sync_counting_callback(counter, 3, steps)],
+    )
     trainer = MACRLPretrainer(
         MACRLForPreTraining(config), training_args, train_dataset=RandomViews(config, batch * steps),
-        global_batch_size=batch, save_total_limit=1, bf16=bf16,
-        callbacks=[sync_counting_callback(counter, 3, steps)],
+        run_callbacks=callbacks, global_batch_size=batch,
     )
     trainer.train()
     return counter

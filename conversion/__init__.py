@@ -1,5 +1,6 @@
 """Converters between MACRL folders and other formats, installed as `macrl.conversion` and run as
-`macrl-convert KIND ...` (`python -m macrl.conversion.convert_X ...` works too):
+`macrl-convert KIND ...` (`python -m macrl.conversion.convert_X ...` works too, and from a checkout
+`python conversion/convert_X.py ...`, through `as_file.py`):
 
 | KIND | module | what |
 |---|---|---|

@@ -22,6 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file from a checkout, `python conversion/convert_macrl_checkpoint_to_hf.py` (as_file.py)
+    import as_file
+
+    __package__ = as_file.PACKAGE
 
 from .common import (
     ConversionParser,

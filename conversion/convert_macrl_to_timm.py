@@ -39,6 +39,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+if not __package__:  # run as a file from a checkout, `python conversion/convert_macrl_to_timm.py` (as_file.py)
+    import as_file
+
+    __package__ = as_file.PACKAGE
 
 from ..timm_layout import TIMM_LAYER_NORM_EPS, default_num_heads, timm_vit_kwargs
 from .common import (

@@ -33,6 +33,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+if not __package__:  # run as a file from a checkout, `python conversion/convert_mocov3_to_macrl.py` (as_file.py)
+    import as_file
+
+    __package__ = as_file.PACKAGE
+
 from ..timm_layout import default_num_heads, timm_vit_kwargs
 from .common import (
     ConversionParser,

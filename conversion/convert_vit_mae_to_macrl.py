@@ -41,6 +41,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+if not __package__:  # run as a file from a checkout, `python conversion/convert_vit_mae_to_macrl.py` (as_file.py)
+    import as_file
+
+    __package__ = as_file.PACKAGE
 
 from .common import (
     ConversionParser,

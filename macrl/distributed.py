@@ -1,4 +1,8 @@
-"""Cross-process pieces of the contrastive head: gathering keys, and BatchNorm over the global batch."""
+"""Processes that train together: how many there are and where this one stands (`process_layout`), and the
+cross-process pieces of the contrastive head: gathering keys, and BatchNorm over the global batch."""
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -6,7 +10,27 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 
+@dataclass(frozen=True)
+class ProcessLayout:
+    """Where this process stands among the processes that train together."""
+
+    rank: int  # this process's place, 0 .. processes - 1
+    processes: int  # that train together (the world size)
+    local_processes: int  # of those, on this machine
+
+
+def process_layout() -> ProcessLayout:
+    """The one answer to "how many processes, and which one is this": torch.distributed's group once it is
+    initialised, else what the launcher set before it is (torchrun and `accelerate launch` set RANK, WORLD_SIZE and
+    LOCAL_WORLD_SIZE), else one process alone."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        return ProcessLayout(dist.get_rank(), dist.get_world_size(), local)
+    return ProcessLayout(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local)
+
+
 def is_distributed() -> bool:
+    """Whether a process group of several processes is running now (collectives would reach the others)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

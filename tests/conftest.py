@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny MACRL configs and real Fashion-MNIST images (Debian's dataset-fashion-mnist)."""
+"""Shared fixtures: tiny MACRL configs, a saved tiny encoder, real Fashion-MNIST images (Debian's
+dataset-fashion-mnist) and a Hub server on loopback. What tests/ holds: tests/__init__.py."""
 
 import os
 import tempfile
@@ -13,21 +14,29 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="macrl-tests-cache-")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from macrl.presets import PRESETS  # noqa: E402
-torch.set_num_threads(min(2, torch.get_num_threads()))
+from tests.tiny_models import TINY, save_tiny_encoder  # noqa: E402
 
-# the "tiny" preset: a model of a few thousand parameters that runs in milliseconds
-TINY = PRESETS["tiny"]
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
 def tiny_config():
+    """`tiny_config(**overrides)`: a `MACRLConfig` of the tiny preset, with `overrides`."""
     from macrl import MACRLConfig
 
     def make(**overrides):
         return MACRLConfig(**{**TINY, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_folder(tmp_path_factory):
+    """A random tiny encoder (seed 0) saved with its image processor, as `encoder/` of a run holds it; shared by the
+    whole session, so a test that changes it works on a copy (`shutil.copytree`)."""
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    save_tiny_encoder(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -40,5 +49,5 @@ def fashion_images():
     return pixels, labels[:64]
 
 
-# real Hub servers on loopback: the upload-capable test server, and olah (a read-only mirror) for downloads
-from hub_server import hub_server_fixture  # noqa: E402,F401
+# real Hub servers on loopback: the upload-capable test server (`hub_server`), for every test
+from tests.hub_server import hub_server_fixture  # noqa: E402,F401

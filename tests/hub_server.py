@@ -430,7 +430,8 @@ if pytest is not None:
     def hub_server_fixture(tmp_path, monkeypatch):
         """Pytest fixture ``hub_server``: a running :class:`HubServer`, with the HF client pointed at it.
 
-        Importing it into a conftest (``from hub_server import hub_server_fixture``) registers it.
+        tests/conftest.py imports it (``from tests.hub_server import hub_server_fixture``), which registers it
+        for every test.
         """
         with serve_hub() as hub:
             patch_hf_client(monkeypatch, hub.url, tmp_path / "hf_cache")

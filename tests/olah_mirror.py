@@ -12,9 +12,9 @@ Quick use
 ---------
 As pytest fixtures (import them into ``tests/conftest.py``)::
 
-    from olah_mirror import olah_server, hf_mirror  # noqa: F401
-    # (tests/ is on sys.path because it has no __init__.py; a test module that
-    # also imports them gets its own session server -- harmless, ~1 s)
+    from tests.olah_mirror import olah_server, hf_mirror  # noqa: F401
+    # (a test module that imports them instead gets its own session server --
+    # harmless, ~1 s)
 
     def test_download(hf_mirror, tmp_path):
         (tmp_path / "config.json").write_text("{}")

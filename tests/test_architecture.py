@@ -74,3 +74,29 @@ def test_only_commands_print():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 printing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not printing, f"library code prints (log through the 'macrl' logger instead): {printing}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A helper one module imports from another is a public name of the module that owns it (no `_name` imports
+    between macrl's modules, the converters, the benchmarks and the tests' helpers)."""
+    own = ("macrl", "conversion", "benchmarks", "tests")
+    private = []
+    for path in sorted([*ROOT.glob("macrl/**/*.py"), *ROOT.glob("conversion/*.py"), *ROOT.glob("benchmarks/*.py"),
+                        *ROOT.glob("tests/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or (node.level == 0 and not (node.module or "").startswith(own)):
+                continue
+            names = [alias.name for alias in node.names if alias.name.startswith("_") and not alias.name.endswith("__")]
+            private += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}" for name in names]
+    assert not private, private
+
+
+def test_test_modules_import_no_other_test_module():
+    """What two test modules share is a helper module of tests/ (tests/__init__.py lists them), never one test
+    module's insides imported into another."""
+    found = []
+    for path in sorted(ROOT.glob("tests/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1].startswith("test_"):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
+    assert not found, found

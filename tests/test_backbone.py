@@ -10,11 +10,8 @@ from macrl import MACRLBackbone, MACRLForPreTraining, MACRLModel
 
 
 @pytest.fixture
-def encoder_folder(tmp_path, tiny_config):
-    torch.manual_seed(0)
-    encoder = MACRLModel(tiny_config()).eval()
-    encoder.save_pretrained(tmp_path / "encoder")
-    return encoder, tmp_path / "encoder"
+def encoder_folder(tiny_encoder_folder):
+    return MACRLModel.from_pretrained(tiny_encoder_folder).eval(), tiny_encoder_folder
 
 
 def test_feature_maps_are_the_stages_out_indices_names(tiny_config, fashion_images):

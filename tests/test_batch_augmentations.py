@@ -18,10 +18,11 @@ from macrl.data import (
     TwoViewCollator,
     TwoViewDataset,
 )
-from macrl.data.batch_augmentations import NUM_UNIFORMS, _rotate_hue, crop_boxes, resized_crop_and_flip
+from macrl.data.batch_augmentations import NUM_UNIFORMS, rotate_hue, crop_boxes, resized_crop_and_flip
 from macrl.presets import load_config
 from macrl.training.arguments import PretrainingArguments
-from macrl.training.data import build_augmentation, build_pretraining_data
+from macrl.training.data import build_pretraining_data
+from macrl.training.plan import plan_run
 
 _NO_PHOTOMETRIC = dict(color_jitter_strength=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
 
@@ -122,10 +123,10 @@ def test_rgb_views_and_hue_rotation_keeps_greys():
     strong = BatchAugmentation(cfg, "strong")(images, _uniforms(32))
     assert strong.shape == (32, 3, 16, 16) and torch.isfinite(strong).all()
     grey = torch.rand(5, 1, 6, 6).expand(5, 3, 6, 6)
-    torch.testing.assert_close(_rotate_hue(grey, torch.linspace(-0.5, 0.5, 5)), grey, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate_hue(grey, torch.linspace(-0.5, 0.5, 5)), grey, atol=1e-5, rtol=0)
     colour = torch.rand(2, 3, 4, 4) * 0.5 + 0.25
-    assert not torch.allclose(_rotate_hue(colour, torch.tensor([0.1, 0.1])), colour, atol=1e-3)
-    torch.testing.assert_close(_rotate_hue(colour, torch.zeros(2)), colour, atol=1e-5, rtol=0)
+    assert not torch.allclose(rotate_hue(colour, torch.tensor([0.1, 0.1])), colour, atol=1e-3)
+    torch.testing.assert_close(rotate_hue(colour, torch.zeros(2)), colour, atol=1e-5, rtol=0)
 
 
 def test_wrong_channels_and_mixed_sizes_are_named():
@@ -159,28 +160,27 @@ def test_batched_dataset_is_seeded_per_sample_whatever_the_workers():
     assert not torch.equal(collate([dataset[0]])["pixel_values"], in_process[0]["pixel_values"][:1])
 
 
-def _args(**changes) -> PretrainingArguments:
-    return PretrainingArguments(output_dir="unused", **changes)
+def _data(**changes):
+    """`build_pretraining_data` as a run of the tiny preset with these flags plans it."""
+    plan = plan_run(PretrainingArguments(output_dir="unused", config="tiny", **changes))
+    return build_pretraining_data(plan.data, plan.config, plan.augmentation)
 
 
 def test_pretraining_data_batches_fashion_mnist_and_not_folders(tmp_path: Path):
     config = load_config("tiny")
-    fashion = build_pretraining_data(_args(), config, build_augmentation(_args(), config))
+    fashion = _data()
     assert isinstance(fashion.train, BatchedTwoViewDataset) and isinstance(fashion.collator, TwoViewCollator)
     assert fashion.augmentation.batched is True  # resolved, for results.json
     batch = fashion.collator([fashion.train[i] for i in range(4)])
     assert batch["pixel_values"].shape == (4, 1, 28, 28) and batch["noise"].shape == (4, config.num_patches)
 
-    per_image = _args(augmentation='{"batched": false}')
-    fashion = build_pretraining_data(per_image, config, build_augmentation(per_image, config))
+    fashion = _data(augmentation='{"batched": false}')
     assert type(fashion.train) is TwoViewDataset and fashion.collator is None
 
     for index in range(12):
         Image.new("L", (28 + index, 28), index * 20).save(tmp_path / f"{index}.png")
-    folder = _args(data=str(tmp_path), knn=False)
-    data = build_pretraining_data(folder, config, build_augmentation(folder, config))
+    data = _data(data=str(tmp_path), knn=False)
     assert type(data.train) is TwoViewDataset and data.collator is None and data.augmentation.batched is False
-    forced = _args(data=str(tmp_path), knn=False, augmentation='{"batched": true}')
     with pytest.raises(ValueError, match="may differ in size"):
-        build_pretraining_data(forced, config, build_augmentation(forced, config))
+        _data(data=str(tmp_path), knn=False, augmentation='{"batched": true}')
     assert len(data.train) == 12

@@ -632,3 +632,41 @@ def test_push_to_hub_then_load_with_timm_from_the_hub(hub_server, tmp_path, tiny
         torch.testing.assert_close(model(pixels), encoder.eval()(pixels).pooler_output, atol=1e-5, rtol=0)
     back = timm_to_macrl("hf-hub:tester/macrl-timm", tmp_path / "back")
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+# each converter file run as Python runs a file: its folder first on sys.path, no package (one interpreter for all)
+AS_FILES = """
+import runpy, sys
+codes = []
+for path in sys.argv[1:]:
+    sys.argv, sys.path[0] = [path, "--help"], str(__import__("pathlib").Path(path).parent)
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exit:
+        codes.append(exit.code)
+print("EXIT CODES", codes)
+"""
+
+
+def test_every_converter_runs_as_a_file_from_a_checkout(tmp_path, tiny_config):
+    """`python conversion/convert_X.py ...`, as transformers' converters are run, works for every converter (the
+    relative imports find their package through conversion/as_file.py); one converts for real."""
+    from macrl import MACRLModel
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(str(path) for path in (root / "conversion").glob("convert_*.py"))
+    assert len(files) == len(CONVERTERS)
+    env = {**os.environ, "PYTHONPATH": ""}
+    helps = subprocess.run([sys.executable, "-c", AS_FILES, *files], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path, env=env)
+    assert f"EXIT CODES {[0] * len(files)}" in helps.stdout, helps.stdout + helps.stderr
+    assert all(f"usage: macrl-convert {kind}" in helps.stdout for kind in CONVERTERS), helps.stdout
+
+    torch.manual_seed(0)
+    encoder = randomized(MACRLModel(tiny_config()))
+    encoder.save_pretrained(tmp_path / "encoder")
+    converter = root / "conversion" / "convert_macrl_to_timm.py"
+    run = subprocess.run([sys.executable, str(converter), str(tmp_path / "encoder"), str(tmp_path / "timm")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["architecture"].startswith("vit")

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,13 +25,12 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from macrl.pretrain import main
 from macrl.training.checkpoints import STAGING_DIR, AtomicCheckpoints, CheckpointError, checkpoint_problem
 from macrl.training.trainer import MACRLPretrainer
+from tests.pretrain_runs import finish, kill, launch, logged_losses, logged_steps, poll
 
 ARGS = [
     "--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--save-steps", "4",
     "--limit-images", "48", "--no-knn", "--seed", "3",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMEOUT = 1200  # a hung run fails the test instead of blocking CI (generous: CI machines can be slow)
 
 
 def _command(out: Path, steps: int, *extra) -> list[str]:
@@ -43,32 +41,7 @@ def _launch(out: Path, steps: int) -> subprocess.Popen:
     """Start a run; `--resume` as soon as the output folder holds a checkpoint (`--resume` refuses an empty one)."""
     checkpoints = out / "checkpoints"
     resume = ["--resume"] if checkpoints.is_dir() and get_last_checkpoint(checkpoints) else []
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "stderr.txt", "ab") as stderr:
-        return subprocess.Popen(_command(out, steps, *resume), env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
-
-
-def _finish(process: subprocess.Popen, out: Path) -> None:
-    assert process.wait(timeout=TIMEOUT) == 0, (out / "stderr.txt").read_text()[-3000:]
-
-
-def _kill(process: subprocess.Popen) -> None:
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
-
-
-def _poll(process: subprocess.Popen, condition, timeout: float = TIMEOUT):
-    """Check `condition()` every millisecond until it returns something truthy (returned) or the run exits (None)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        if process.poll() is not None:
-            return None
-        time.sleep(0.001)
-    process.kill()
-    raise AssertionError("the run neither reached the kill point nor finished")
+    return launch(_command(out, steps, *resume), out)
 
 
 def _staging_entries(out: Path) -> dict[str, tuple[int, int]]:
@@ -104,11 +77,11 @@ def _kill_during_write(out: Path, steps: int) -> tuple[str, bool] | None:
         fresh = [name for name, key in _staging_entries(out).items() if stale.get(name) != key]
         return fresh[0] if fresh else None
 
-    name = _poll(process, writing)
+    name = poll(process, writing)
     if name is None:
-        _finish(process, out)
+        finish(process, out)
         return None
-    _kill(process)
+    kill(process)
     staged = out / "checkpoints" / STAGING_DIR / name
     return name, staged.is_dir() and not (out / "checkpoints" / name).exists()
 
@@ -117,28 +90,14 @@ def _kill_after_checkpoint(out: Path, steps: int, checkpoint: int, delay: float)
     """Kill the run `delay` seconds after `checkpoint-<checkpoint>` is in place; False if it finished before."""
     process = _launch(out, steps)
     target = out / "checkpoints" / f"checkpoint-{checkpoint}"
-    if _poll(process, target.is_dir) is None:
-        _finish(process, out)
+    if poll(process, target.is_dir) is None:
+        finish(process, out)
         return False
     time.sleep(delay)
     if process.poll() is not None:
         return False
-    _kill(process)
+    kill(process)
     return True
-
-
-def _logged_steps(out: Path) -> int:
-    """The last step in the run's train_log.jsonl (0 if none yet); a line being written is ignored."""
-    try:
-        lines = (out / "logs" / "train_log.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except ValueError:
-            continue
-    return 0
 
 
 def _latest_checkpoint_step(out: Path) -> int:
@@ -153,27 +112,22 @@ def _kill_after_step(out: Path, steps: int, step: int) -> None:
     launched = time.time_ns()  # until the new run rewrites the log, it may hold steps the killed run logged
 
     def reached():
-        return log.is_file() and log.stat().st_mtime_ns > launched and _logged_steps(out) >= step
+        return log.is_file() and log.stat().st_mtime_ns > launched and logged_steps(out) >= step
 
     process = _launch(out, steps)
-    assert _poll(process, reached) is not None, "the run ended before the kill point"
-    _kill(process)
+    assert poll(process, reached) is not None, "the run ended before the kill point"
+    kill(process)
 
 
 def _resume_to_end(out: Path, steps: int) -> None:
-    _finish(_launch(out, steps), out)
-
-
-def _log(out: Path) -> list[tuple[int, float]]:
-    lines = (out / "logs" / "train_log.jsonl").read_text().splitlines()
-    return [(record["step"], record["loss"]) for record in map(json.loads, lines)]
+    finish(_launch(out, steps), out)
 
 
 def _assert_same_run(out: Path, reference: Path) -> None:
     """Bit-identical weights, the same log, the same checkpoints in place and nothing left in staging."""
     assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     assert (out / "encoder" / "model.safetensors").read_bytes() == (reference / "encoder" / "model.safetensors").read_bytes()
-    assert _log(out) == _log(reference)  # every step once, with the loss of the uninterrupted run
+    assert logged_losses(out) == logged_losses(reference)  # every step once, with the loss of the uninterrupted run
     names = lambda run: {p.name for p in (run / "checkpoints").glob("checkpoint-*")}
     # a kill between the rename of checkpoint-N and the rotation leaves one older checkpoint more (complete: every
     # visible one is), which the next save rotates away

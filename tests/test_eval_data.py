@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from image_folders import write_class_folders
-from macrl.presets import load_config
 from macrl.pretrain import main
 from macrl.training.arguments import PretrainingArguments
-from macrl.training.data import build_augmentation, build_pretraining_data
+from macrl.training.data import build_pretraining_data
+from macrl.training.plan import plan_run
 from macrl.visualization import grid_figure_size
-from saved_datasets import write_dataset_dict
-from shard_files import write_shards
+from tests.image_folders import write_class_folders
+from tests.saved_datasets import write_dataset_dict
+from tests.shard_files import write_shards
 
 FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1"]
 EVAL_IMAGES = 300  # a seeded tenth (30) held out as the queries, the rest (270) the kNN memory
@@ -69,12 +69,16 @@ def test_shards_with_eval_data_get_the_monitor_the_evaluation_the_floor_and_the_
     assert "train-{000000..000003}.tar" in card
 
 
+def _data(tmp_path: Path, **flags):
+    """`build_pretraining_data` as a run of the tiny preset with these flags plans it."""
+    plan = plan_run(PretrainingArguments(output_dir=str(tmp_path / "unused"), config="tiny", **flags))
+    return build_pretraining_data(plan.data, plan.config, plan.augmentation)
+
+
 def test_random_access_data_is_trained_on_whole_and_evaluated_on_eval_data(eval_folder, tmp_path):
     data_folder = write_class_folders(tmp_path / "train", 64, split="train")
     rgb_eval = write_class_folders(tmp_path / "rgb-eval", 100, start=500, mode="RGB")
-    config = load_config("tiny")
-    args = PretrainingArguments(data=str(data_folder), eval_data=str(rgb_eval), eval_images=8)
-    data = build_pretraining_data(args, config, build_augmentation(args, config))
+    data = _data(tmp_path, data=str(data_folder), eval_data=str(rgb_eval), eval_images=8)
     assert data.num_images == len(data.train_source) == 64  # nothing of --data held out
     memory, queries = data.labelled_evaluation()
     assert (len(memory), len(queries)) == (92, 8)  # the held-out tenth (10), capped by --eval-images
@@ -86,8 +90,7 @@ def test_random_access_data_is_trained_on_whole_and_evaluated_on_eval_data(eval_
     assert len({queries.labels[i] for i in (0, 2, 4, 6)}) > 1
 
     # the default Fashion-MNIST as --data: all 60,000 training images are trained on, none is the kNN memory
-    args = PretrainingArguments(eval_data=str(eval_folder))
-    data = build_pretraining_data(args, config, build_augmentation(args, config))
+    data = _data(tmp_path, eval_data=str(eval_folder))
     assert len(data.train_source) == 60000 and data.knn_train_source.name.startswith("imagefolder:")
 
     out = tmp_path / "run"

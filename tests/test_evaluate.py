@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
 from huggingface_hub import ModelCard
-from image_folders import write_class_folders
 from PIL import Image
-from saved_datasets import write_dataset_dict
 
 from macrl import MACRLConfig, MACRLForImageClassification, MACRLImageProcessor, MACRLModel
 from macrl.data import FashionMNISTSource, SubsetSource, holdout_split, limit_source, load_fashion_mnist
@@ -31,24 +28,17 @@ from macrl.evaluation.finetune import (
 )
 from macrl.model_card import render_model_card, write_model_card
 from macrl.precision import cpu_runs_fp16_fast
+from tests.image_folders import write_class_folders
+from tests.saved_datasets import write_dataset_dict
+from tests.tiny_models import TINY
 
 NUM_TRAIN, NUM_TEST = 400, 200
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    """A tiny random 1-channel encoder (CLS pooling) saved with its image processor."""
-    torch.manual_seed(0)
-    config = MACRLConfig(**TINY)
-    folder = tmp_path_factory.mktemp("encoder")
-    MACRLModel(config).save_pretrained(folder)
-    MACRLImageProcessor.from_model_config(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def encoder(model_folder):
-    return MACRLModel.from_pretrained(model_folder).eval(), MACRLImageProcessor.from_pretrained(model_folder)
+def encoder(tiny_encoder_folder):
+    folder = tiny_encoder_folder
+    return MACRLModel.from_pretrained(folder).eval(), MACRLImageProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +170,10 @@ def test_finetune_dataset_augments_training_images_only(encoder, sources):
     assert any(not torch.equal(view, expected) for view in views)
 
 
-def test_trainer_finetuning_reduces_loss_and_reloads_identically(tiny_config, model_folder, sources, tmp_path):
+def test_trainer_finetuning_reduces_loss_and_reloads_identically(tiny_config, tiny_encoder_folder, sources, tmp_path):
     train, test = sources
-    model = MACRLForImageClassification.from_pretrained(model_folder, num_labels=10)
-    processor = MACRLImageProcessor.from_pretrained(model_folder)
+    model = MACRLForImageClassification.from_pretrained(tiny_encoder_folder, num_labels=10)
+    processor = MACRLImageProcessor.from_pretrained(tiny_encoder_folder)
     trainer = build_finetune_trainer(
         model, processor, train, test, output_dir=tmp_path / "run", batch_size=32, lr=2e-3, max_steps=24,
         logging_steps=4, layer_decay=0.75, seed=0,
@@ -200,10 +190,10 @@ def test_trainer_finetuning_reduces_loss_and_reloads_identically(tiny_config, mo
         assert torch.equal(trainer.model.eval()(pixel_values=pixels).logits, reloaded(pixel_values=pixels).logits)
 
 
-def test_finetune_reports_accuracy_and_saves_a_loadable_model(model_folder, sources, tmp_path):
+def test_finetune_reports_accuracy_and_saves_a_loadable_model(tiny_encoder_folder, sources, tmp_path):
     train, test = sources
     results = finetune(
-        model_folder, train, test, output_dir=tmp_path / "tuned", epochs=1, batch_size=50, lr=2e-3,
+        tiny_encoder_folder, train, test, output_dir=tmp_path / "tuned", epochs=1, batch_size=50, lr=2e-3,
         layer_decay=0.75, seed=0, max_steps=8, logging_steps=2,
     )
     assert 0.0 <= results["finetune_accuracy"] <= 100.0
@@ -231,9 +221,9 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_writes_json_table_and_updates_the_card(model_folder, tmp_path):
+def test_cli_writes_json_table_and_updates_the_card(tiny_encoder_folder, tmp_path):
     folder = tmp_path / "encoder"
-    shutil.copytree(model_folder, folder)
+    shutil.copytree(tiny_encoder_folder, folder)
     config = MACRLConfig.from_pretrained(folder)
     # a card as macrl-pretrain writes it: its repo id and training facts must survive the update
     card = render_model_card(config, repo_id="someone/macrl-tiny", training={"dataset": "fashion_mnist", "steps": 1234})
@@ -263,10 +253,10 @@ def test_cli_writes_json_table_and_updates_the_card(model_folder, tmp_path):
     assert "| Optimizer steps | 1,234 |" in card.text and "| Dataset | fashion_mnist |" in card.text
 
 
-def test_cli_fp16_evaluates_and_fine_tunes_in_half_precision(model_folder, tmp_path, capsys):
+def test_cli_fp16_evaluates_and_fine_tunes_in_half_precision(tiny_encoder_folder, tmp_path, capsys):
     """`--dtype fp16`: kNN features with fp16 weights where the CPU has the kernels (else fp16 autocast, with the
     warning), and fp16 mixed precision with loss scaling for fine-tuning."""
-    common = ["--model", str(model_folder), "--limit-train", "300", "--limit-test", "100", "--batch-size", "100",
+    common = ["--model", str(tiny_encoder_folder), "--limit-train", "300", "--limit-test", "100", "--batch-size", "100",
               "--device", "cpu", "--no-linear-probe", "--no-progress"]
     assert main([*common, "--output", str(tmp_path / "fp32.json")]) == 0
     capsys.readouterr()
@@ -285,12 +275,12 @@ def test_cli_fp16_evaluates_and_fine_tunes_in_half_precision(model_folder, tmp_p
 
 
 @pytest.mark.slow  # torch.compile: tens of seconds
-def test_evaluate_encoder_compiled_compiles_once_for_train_and_test(model_folder, sources):
+def test_evaluate_encoder_compiled_compiles_once_for_train_and_test(tiny_encoder_folder, sources):
     from torch._dynamo.utils import counters
 
     train, test = sources
-    model = MACRLModel.from_pretrained(model_folder)
-    processor = MACRLImageProcessor.from_pretrained(model_folder)
+    model = MACRLModel.from_pretrained(tiny_encoder_folder)
+    processor = MACRLImageProcessor.from_pretrained(tiny_encoder_folder)
     torch._dynamo.reset()
     counters.clear()
     results = evaluate_encoder(  # 400 and 200 images in batches of 150: both sources end in a smaller batch
@@ -298,17 +288,17 @@ def test_evaluate_encoder_compiled_compiles_once_for_train_and_test(model_folder
     )
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     reference = evaluate_encoder(
-        MACRLModel.from_pretrained(model_folder), processor, train, test, linear_probe=False, batch_size=150,
+        MACRLModel.from_pretrained(tiny_encoder_folder), processor, train, test, linear_probe=False, batch_size=150,
         progress=False,
     )
     assert results["knn_accuracy_cls"] == pytest.approx(reference["knn_accuracy_cls"], abs=0.51)
 
 
 @pytest.mark.slow  # torch.compile in a real process
-def test_cli_compile_compiles_once_for_train_and_test(model_folder, tmp_path):
+def test_cli_compile_compiles_once_for_train_and_test(tiny_encoder_folder, tmp_path):
     output = tmp_path / "results.json"
     plain = tmp_path / "plain.json"
-    common = ("--model", str(model_folder), "--limit-train", "230", "--limit-test", "70", "--batch-size", "100",
+    common = ("--model", str(tiny_encoder_folder), "--limit-train", "230", "--limit-test", "70", "--batch-size", "100",
               "--device", "cpu", "--no-linear-probe", "--no-progress")
     completed = _run_cli(*common, "--output", str(output), "--dtype", "bf16", "--compile")
     assert completed.returncode == 0, completed.stderr
@@ -328,9 +318,9 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_cli_unlabelled_folder_exits_2_with_one_line(model_folder, tmp_path):
+def test_cli_unlabelled_folder_exits_2_with_one_line(tiny_encoder_folder, tmp_path):
     data = write_class_folders(tmp_path / "flat", 5, labelled=False)  # images directly in the folder: no classes
-    completed = _run_cli("--model", str(model_folder), "--data", str(data), "--device", "cpu")
+    completed = _run_cli("--model", str(tiny_encoder_folder), "--data", str(data), "--device", "cpu")
     assert completed.returncode == 2
     assert "no labels" in _one_error_line(completed.stderr)
     assert completed.stdout == ""
@@ -341,16 +331,16 @@ def test_cli_unlabelled_folder_exits_2_with_one_line(model_folder, tmp_path):
     [([-1] * 10, "[test]) have no labels"), ([3, -1, 4, 1, 5, 9, 2, 6, 5, 3], "have label -1 (an unlabelled row)")],
 )
 def test_cli_unlabelled_test_split_is_one_line_and_test_split_names_another(
-    model_folder, tmp_path, capsys, test_labels, message
+    tiny_encoder_folder, tmp_path, capsys, test_labels, message
 ):
     """A test split labelled -1 (wholly or in part) was evaluated and crashed in the kNN; now it is named before any
     feature is extracted, and `--test-split` evaluates on a labelled one."""
     data = write_dataset_dict(tmp_path / "saved", {"train": 20, "validation": 10, "test": test_labels})
     capsys.readouterr()  # the saving's progress bars
-    assert main(["--model", str(model_folder), "--data", str(data), "--device", "cpu", "--no-linear-probe"]) == 2
+    assert main(["--model", str(tiny_encoder_folder), "--data", str(data), "--device", "cpu", "--no-linear-probe"]) == 2
     assert message in _one_error_line(capsys.readouterr().err)
     output = tmp_path / "results.json"
-    assert main(["--model", str(model_folder), "--data", str(data), "--device", "cpu", "--no-linear-probe",
+    assert main(["--model", str(tiny_encoder_folder), "--data", str(data), "--device", "cpu", "--no-linear-probe",
                  "--test-split", "validation", "--output", str(output)]) == 0
     results = json.loads(output.read_text())
     assert (results["split"], results["test_images"]) == ("validation", 10)
@@ -368,8 +358,8 @@ def test_cli_unlabelled_test_split_is_one_line_and_test_split_names_another(
         (["--model", "{tmp}"], "not a model folder"),
     ],
 )
-def test_cli_bad_inputs_exit_2_with_one_line(model_folder, tmp_path, capsys, args, message):
-    argv = [arg.format(tmp=tmp_path, model=model_folder) for arg in args]
+def test_cli_bad_inputs_exit_2_with_one_line(tiny_encoder_folder, tmp_path, capsys, args, message):
+    argv = [arg.format(tmp=tmp_path, model=tiny_encoder_folder) for arg in args]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert message in _one_error_line(captured.err)

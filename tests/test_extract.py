@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -24,6 +23,7 @@ from macrl.extract import main
 from macrl.feature_extraction import ExtractionResult, extract_features, inference_precision, prepare_for_inference
 from macrl.loading import load_encoder_and_processor
 from macrl.precision import cpu_runs_bf16_fast, cpu_runs_fp16_fast
+from tests.tiny_models import TINY, save_tiny_encoder
 
 CLASSES = ["Trouser", "T-shirt_top", "Pullover"]  # folder names; sorted -> Pullover, T-shirt_top, Trouser
 PER_CLASS = 4
@@ -58,24 +58,13 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    """A tiny random 1-channel encoder (CLS pooling) saved with its image processor."""
-    torch.manual_seed(0)
-    config = MACRLConfig(**TINY)
-    folder = tmp_path_factory.mktemp("model")
-    MACRLModel(config).save_pretrained(folder)
-    MACRLImageProcessor.from_model_config(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reference(model_folder, image_folder) -> tuple[list[str], list[int], torch.Tensor, torch.Tensor]:
+def reference(tiny_encoder_folder, image_folder) -> tuple[list[str], list[int], torch.Tensor, torch.Tensor]:
     """Expected ids and labels (built from the files, not from macrl.feature_extraction) and the model's own outputs."""
     files = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*") if p.is_file())
     class_names = sorted(CLASSES)
     labels = [class_names.index(f.split("/")[0]) for f in files]
-    model = MACRLModel.from_pretrained(model_folder).eval()
-    processor = MACRLImageProcessor.from_pretrained(model_folder)
+    model = MACRLModel.from_pretrained(tiny_encoder_folder).eval()
+    processor = MACRLImageProcessor.from_pretrained(tiny_encoder_folder)
     images = [ImageFolderSource(image_folder, mode="L").load_image(i) for i in range(len(files))]
     with torch.inference_mode():
         output = model(processor(images=images, return_tensors="pt")["pixel_values"])
@@ -100,12 +89,12 @@ def _only_output_files(folder: Path) -> list[str]:
 # --------------------------------------------------------------------------- outputs
 
 
-def test_cli_subprocess_writes_pooler_output_ids_and_labels(model_folder, image_folder, reference, tmp_path):
+def test_cli_subprocess_writes_pooler_output_ids_and_labels(tiny_encoder_folder, image_folder, reference, tmp_path):
     files, labels, _, pooler_output = reference
     output = tmp_path / "feats.safetensors"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "macrl.extract", "--model", model_folder, "--data", image_folder,
+        [sys.executable, "-m", "macrl.extract", "--model", tiny_encoder_folder, "--data", image_folder,
          "--output", output, "--batch-size", BATCH, "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=120,
     )
@@ -118,17 +107,17 @@ def test_cli_subprocess_writes_pooler_output_ids_and_labels(model_folder, image_
     metadata = _metadata(output)
     assert json.loads(metadata["ids"]) == files  # sorted relative POSIX paths
     assert metadata["pool"] == "cls" and metadata["dtype"] == "fp32" and metadata["count"] == "17"
-    assert metadata["model"] == str(model_folder.resolve())
+    assert metadata["model"] == str(tiny_encoder_folder.resolve())
     assert json.loads(metadata["class_names"]) == sorted(CLASSES)
     assert json.loads(metadata["skipped"]) == []
     assert _only_output_files(tmp_path) == ["feats.safetensors"]  # no temp file left behind
 
 
 @pytest.mark.parametrize("pool", ["mean", "none"])
-def test_pool_variants_match_the_tokens(pool, model_folder, image_folder, reference, tmp_path, capsys):
+def test_pool_variants_match_the_tokens(pool, tiny_encoder_folder, image_folder, reference, tmp_path, capsys):
     _, _, tokens, _ = reference
     output = tmp_path / "feats.safetensors"
-    code, _, err = _run(capsys, "--model", model_folder, "--data", image_folder, "--output", output,
+    code, _, err = _run(capsys, "--model", tiny_encoder_folder, "--data", image_folder, "--output", output,
                         "--pool", pool, "--batch-size", BATCH)
     assert code == 0, err
     features = load_file(output)["features"]
@@ -140,11 +129,8 @@ def test_pool_variants_match_the_tokens(pool, model_folder, image_folder, refere
 
 
 def test_default_pool_is_the_config_pooling(image_folder, tmp_path, capsys):
-    torch.manual_seed(1)
     config = MACRLConfig(**{**TINY, "pooling": "mean"})
-    model = MACRLModel(config).eval()
-    model.save_pretrained(tmp_path / "model")
-    MACRLImageProcessor.from_model_config(config).save_pretrained(tmp_path / "model")
+    model = save_tiny_encoder(tmp_path / "model", config)
     output = tmp_path / "feats.safetensors"
     code, _, err = _run(capsys, "--model", tmp_path / "model", "--data", image_folder, "--output", output)
     assert code == 0, err
@@ -157,10 +143,10 @@ def test_default_pool_is_the_config_pooling(image_folder, tmp_path, capsys):
     torch.testing.assert_close(load_file(output)["features"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_npy_and_sidecar_with_workers(model_folder, image_folder, reference, tmp_path, capsys):
+def test_npy_and_sidecar_with_workers(tiny_encoder_folder, image_folder, reference, tmp_path, capsys):
     files, labels, _, pooler_output = reference
     output = tmp_path / "feats.npy"
-    code, _, err = _run(capsys, "--model", model_folder, "--data", image_folder, "--output", output,
+    code, _, err = _run(capsys, "--model", tiny_encoder_folder, "--data", image_folder, "--output", output,
                         "--batch-size", BATCH, "--num-workers", "2")
     assert code == 0, err
     features = np.load(output)
@@ -173,10 +159,10 @@ def test_npy_and_sidecar_with_workers(model_folder, image_folder, reference, tmp
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_half_precision_features_are_close_to_fp32(model_folder, image_folder, reference, tmp_path, capsys, dtype):
+def test_half_precision_features_are_close_to_fp32(tiny_encoder_folder, image_folder, reference, tmp_path, capsys, dtype):
     _, _, _, pooler_output = reference
     output = tmp_path / f"{dtype}.safetensors"
-    code, _, err = _run(capsys, "--model", model_folder, "--data", image_folder, "--output", output, "--dtype", dtype)
+    code, _, err = _run(capsys, "--model", tiny_encoder_folder, "--data", image_folder, "--output", output, "--dtype", dtype)
     assert code == 0, err
     features = load_file(output)["features"]
     assert features.dtype == torch.float32  # saved as float32 whatever the compute dtype
@@ -191,9 +177,9 @@ def test_half_precision_features_are_close_to_fp32(model_folder, image_folder, r
     assert "fp32: this CPU" not in err
 
 
-def test_bf16_casts_the_weights_once_where_the_cpu_has_kernels(model_folder, image_folder, reference):
+def test_bf16_casts_the_weights_once_where_the_cpu_has_kernels(tiny_encoder_folder, image_folder, reference):
     _, _, _, pooler_output = reference
-    model, processor = load_encoder_and_processor(str(model_folder))
+    model, processor = load_encoder_and_processor(str(tiny_encoder_folder))
     result = extract_features(model, processor, ImageFolderSource(image_folder, mode="L"), batch_size=5, dtype="bf16")
     assert result.features.dtype == torch.float32 and result.features.shape == pooler_output.shape
     assert F.cosine_similarity(result.features, pooler_output, dim=1).min() >= 0.99
@@ -206,25 +192,25 @@ def test_bf16_casts_the_weights_once_where_the_cpu_has_kernels(model_folder, ima
     assert inference_precision("cpu", "fp32") == inference_precision("cpu", "fp32").__class__(torch.float32, None)
 
 
-def test_pipeline_with_bf16_weights_matches_fp32(model_folder, image_folder, reference):
+def test_pipeline_with_bf16_weights_matches_fp32(tiny_encoder_folder, image_folder, reference):
     from transformers import pipeline
 
     _, _, _, pooler_output = reference
     source = ImageFolderSource(image_folder, mode="L")
     images = [source.load_image(i) for i in range(len(source))]
-    extractor = pipeline("image-feature-extraction", model=str(model_folder), dtype=torch.bfloat16, device="cpu")
+    extractor = pipeline("image-feature-extraction", model=str(tiny_encoder_folder), dtype=torch.bfloat16, device="cpu")
     assert extractor.model.dtype == torch.bfloat16
     pooled = torch.stack([row[0] for row in extractor(images, pool=True, return_tensors=True, batch_size=5)])
     assert F.cosine_similarity(pooled.float(), pooler_output, dim=1).min() >= 0.99
 
 
 @pytest.mark.slow  # torch.compile: tens of seconds
-def test_compiled_run_with_a_ragged_last_batch_compiles_once(model_folder, image_folder, reference):
+def test_compiled_run_with_a_ragged_last_batch_compiles_once(tiny_encoder_folder, image_folder, reference):
     from torch._dynamo.utils import counters
 
     files, _, _, pooler_output = reference
     source = ImageFolderSource(image_folder, mode="L")
-    model, processor = load_encoder_and_processor(str(model_folder))
+    model, processor = load_encoder_and_processor(str(tiny_encoder_folder))
     torch._dynamo.reset()
     counters.clear()
     first = extract_features(model, processor, source, batch_size=5, compile=True)  # 17 images: 5, 5, 5, 2
@@ -236,11 +222,11 @@ def test_compiled_run_with_a_ragged_last_batch_compiles_once(model_folder, image
 
 
 @pytest.mark.slow  # torch.compile: tens of seconds
-def test_pipeline_takes_a_model_prepared_with_bf16_and_compile(model_folder, image_folder, reference):
+def test_pipeline_takes_a_model_prepared_with_bf16_and_compile(tiny_encoder_folder, image_folder, reference):
     from transformers import pipeline
 
     _, _, _, pooler_output = reference
-    model, processor = load_encoder_and_processor(str(model_folder))
+    model, processor = load_encoder_and_processor(str(tiny_encoder_folder))
     prepared = prepare_for_inference(model, "cpu", "bf16", compile=True)
     assert isinstance(prepared, MACRLModel) and prepared is model  # compiled in place: still the transformers model
     extractor = pipeline("image-feature-extraction", model=prepared, image_processor=processor, device="cpu")
@@ -251,11 +237,11 @@ def test_pipeline_takes_a_model_prepared_with_bf16_and_compile(model_folder, ima
 
 
 @pytest.mark.slow  # torch.compile in a real process
-def test_cli_compile_prints_its_compile_time(model_folder, image_folder, reference, tmp_path):
+def test_cli_compile_prints_its_compile_time(tiny_encoder_folder, image_folder, reference, tmp_path):
     _, _, _, pooler_output = reference
     output = tmp_path / "feats.safetensors"
     completed = subprocess.run(
-        [sys.executable, "-m", "macrl.extract", "--model", model_folder, "--data", image_folder, "--output", output,
+        [sys.executable, "-m", "macrl.extract", "--model", tiny_encoder_folder, "--data", image_folder, "--output", output,
          "--batch-size", BATCH, "--device", "cpu", "--dtype", "bf16", "--compile"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900,
     )
@@ -266,7 +252,7 @@ def test_cli_compile_prints_its_compile_time(model_folder, image_folder, referen
     assert _metadata(output)["compile"] == "true"
 
 
-def test_hf_dataset_ids_are_indices(model_folder, tmp_path, capsys):
+def test_hf_dataset_ids_are_indices(tiny_encoder_folder, tmp_path, capsys):
     import datasets  # the [test] extra installs it
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     table = datasets.Dataset.from_dict(
@@ -276,17 +262,17 @@ def test_hf_dataset_ids_are_indices(model_folder, tmp_path, capsys):
     )
     table.save_to_disk(str(tmp_path / "saved"))
     output = tmp_path / "feats.safetensors"
-    code, _, err = _run(capsys, "--model", model_folder, "--data", tmp_path / "saved", "--output", output)
+    code, _, err = _run(capsys, "--model", tiny_encoder_folder, "--data", tmp_path / "saved", "--output", output)
     assert code == 0, err
     assert json.loads(_metadata(output)["ids"]) == [0, 1, 2, 3, 4]
     assert load_file(output)["labels"].tolist() == [0, 1, 1, 0, 1]
     assert json.loads(_metadata(output)["class_names"]) == ["a", "b"]
 
 
-def test_python_api(model_folder, image_folder, reference):
+def test_python_api(tiny_encoder_folder, image_folder, reference):
     files, labels, _, pooler_output = reference
-    model = MACRLModel.from_pretrained(model_folder)
-    processor = MACRLImageProcessor.from_pretrained(model_folder)
+    model = MACRLModel.from_pretrained(tiny_encoder_folder)
+    processor = MACRLImageProcessor.from_pretrained(tiny_encoder_folder)
     result = extract_features(model, processor, ImageFolderSource(image_folder, mode="L"), batch_size=7, progress=False)
     assert isinstance(result, ExtractionResult)
     assert result.ids == files and result.labels.tolist() == labels and result.skipped == []
@@ -312,14 +298,14 @@ def folder_with_corrupt_file(image_folder, tmp_path) -> tuple[Path, Path]:
     return root, broken
 
 
-def test_corrupt_file_stops_the_run_and_writes_nothing(model_folder, folder_with_corrupt_file, tmp_path, capsys):
+def test_corrupt_file_stops_the_run_and_writes_nothing(tiny_encoder_folder, folder_with_corrupt_file, tmp_path, capsys):
     root, broken = folder_with_corrupt_file
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     previous = out_dir / "old.safetensors"
     previous.write_bytes(b"previous run")
     for name in ("feats.safetensors", "old.safetensors"):
-        code, _, err = _run(capsys, "--model", model_folder, "--data", root, "--output", out_dir / name)
+        code, _, err = _run(capsys, "--model", tiny_encoder_folder, "--data", root, "--output", out_dir / name)
         assert code == 1
         assert str(broken) in err and "--skip-unreadable" in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
@@ -327,11 +313,11 @@ def test_corrupt_file_stops_the_run_and_writes_nothing(model_folder, folder_with
     assert previous.read_bytes() == b"previous run"  # an existing output survives a failed run
 
 
-def test_skip_unreadable_counts_and_lists_the_file(model_folder, folder_with_corrupt_file, reference, tmp_path, capsys):
+def test_skip_unreadable_counts_and_lists_the_file(tiny_encoder_folder, folder_with_corrupt_file, reference, tmp_path, capsys):
     files, labels, _, pooler_output = reference
     root, _ = folder_with_corrupt_file
     output = tmp_path / "feats.safetensors"
-    code, out, err = _run(capsys, "--model", model_folder, "--data", root, "--output", output,
+    code, out, err = _run(capsys, "--model", tiny_encoder_folder, "--data", root, "--output", output,
                           "--skip-unreadable", "--batch-size", BATCH)
     assert code == 0, err
     assert "Skipped 1 unreadable image(s)" in err and "Pullover/broken.png" in err and "(1 skipped)" in out
@@ -342,13 +328,13 @@ def test_skip_unreadable_counts_and_lists_the_file(model_folder, folder_with_cor
     torch.testing.assert_close(load_file(output)["features"], pooler_output, rtol=1e-4, atol=1e-5)
 
 
-def test_interrupted_write_leaves_no_output(model_folder, image_folder, tmp_path, capsys, monkeypatch):
+def test_interrupted_write_leaves_no_output(tiny_encoder_folder, image_folder, tmp_path, capsys, monkeypatch):
     def write_half_then_interrupt(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr("macrl.feature_files.save_file", write_half_then_interrupt)
-    code, _, err = _run(capsys, "--model", model_folder, "--data", image_folder, "--output", tmp_path / "f.safetensors")
+    code, _, err = _run(capsys, "--model", tiny_encoder_folder, "--data", image_folder, "--output", tmp_path / "f.safetensors")
     assert code == 130 and "no output written" in err
     assert _only_output_files(tmp_path) == []
 
@@ -378,10 +364,10 @@ def _not_macrl_folder(tmp_path: Path) -> Path:
         ("zero batch size", "must be >= 1"),
     ],
 )
-def test_usage_errors_exit_2_with_one_line(case, message, model_folder, image_folder, tmp_path, capsys):
+def test_usage_errors_exit_2_with_one_line(case, message, tiny_encoder_folder, image_folder, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("not a folder")
-    args = {"--model": model_folder, "--data": image_folder, "--output": tmp_path / "feats.safetensors"}
+    args = {"--model": tiny_encoder_folder, "--data": image_folder, "--output": tmp_path / "feats.safetensors"}
     extra: list[str] = []
     if case == "empty data folder":
         args["--data"] = tmp_path / "empty"
@@ -410,10 +396,10 @@ def test_usage_errors_exit_2_with_one_line(case, message, model_folder, image_fo
     assert not (tmp_path / "feats.safetensors").exists()
 
 
-def test_cli_error_in_a_real_process_has_no_traceback(model_folder, tmp_path):
+def test_cli_error_in_a_real_process_has_no_traceback(tiny_encoder_folder, tmp_path):
     (tmp_path / "empty").mkdir()
     completed = subprocess.run(
-        [sys.executable, "-m", "macrl.extract", "--model", model_folder, "--data", tmp_path / "empty",
+        [sys.executable, "-m", "macrl.extract", "--model", tiny_encoder_folder, "--data", tmp_path / "empty",
          "--output", tmp_path / "f.safetensors"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
     )

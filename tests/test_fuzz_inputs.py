@@ -27,7 +27,6 @@ import signal
 import struct
 import zlib
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +40,7 @@ from transformers import AutoConfig
 
 from macrl import MACRLConfig, MACRLImageProcessor, MACRLModel
 from macrl.data import ImageFolderSource, UnreadableImageError, open_image
+from tests.tiny_models import TINY
 
 FUZZ = settings(
     deadline=None,
@@ -285,11 +285,6 @@ def test_processor_takes_every_pil_mode_or_raises_value_error():
 # ----------------------------------------------------------------------------------------------------------------
 # config JSON
 
-TINY = dict(
-    image_size=28, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-    decoder_intermediate_size=32, projection_dim=16, projector_hidden_size=32, predictor_hidden_size=32,
-)
 OWN_FIELDS = sorted(MACRLConfig.macrl_fields())
 FLOAT_FIELDS = [f for f in OWN_FIELDS if MACRLConfig.__dataclass_fields__[f].type in (float, float | int)]
 INT_FIELDS = [f for f in OWN_FIELDS if MACRLConfig.__dataclass_fields__[f].type is int]
@@ -443,14 +438,6 @@ def test_config_json_that_is_not_an_object_is_refused(tmp_path, text):
 # weight files
 
 
-@pytest.fixture(scope="module")
-def encoder_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(0)
-    MACRLModel(MACRLConfig(**TINY)).save_pretrained(folder)
-    return folder
-
-
 @st.composite
 def weight_damage(draw, names: list[str]):
     kind = draw(st.sampled_from(["drop", "extra", "rename", "shape", "dtype", "truncate", "garbage", "header"]))
@@ -458,10 +445,10 @@ def weight_damage(draw, names: list[str]):
     return kind, chosen, draw(st.integers(0, 2**32 - 1))
 
 
-def test_weight_files_load_exactly_or_raise_documented_errors(tmp_path, encoder_folder, caplog):
+def test_weight_files_load_exactly_or_raise_documented_errors(tmp_path, tiny_encoder_folder, caplog):
     caplog.set_level(logging.ERROR)  # the load report of every missing key
-    original = load_file(encoder_folder / "model.safetensors")
-    raw = (encoder_folder / "model.safetensors").read_bytes()
+    original = load_file(tiny_encoder_folder / "model.safetensors")
+    raw = (tiny_encoder_folder / "model.safetensors").read_bytes()
     names = sorted(original)
     tried, outcomes, numbers = Counter(), Counter(), itertools.count()
 
@@ -471,7 +458,7 @@ def test_weight_files_load_exactly_or_raise_documented_errors(tmp_path, encoder_
         kind, chosen, seed = damage
         generator = torch.Generator().manual_seed(seed)
         folder = tmp_path / f"weights{next(numbers)}"
-        shutil.copytree(encoder_folder, folder)
+        shutil.copytree(tiny_encoder_folder, folder)
         tensors = dict(original)
         if kind == "drop":
             for name in chosen:
@@ -525,9 +512,9 @@ def test_weight_files_load_exactly_or_raise_documented_errors(tmp_path, encoder_
     assert sum(tried.values()) == 80 and len(tried) == 8
 
 
-def test_missing_weight_file_raises_os_error(tmp_path, encoder_folder):
+def test_missing_weight_file_raises_os_error(tmp_path, tiny_encoder_folder):
     folder = tmp_path / "no_weights"
-    shutil.copytree(encoder_folder, folder)
+    shutil.copytree(tiny_encoder_folder, folder)
     (folder / "model.safetensors").unlink()
     with pytest.raises(OSError, match="no file named model.safetensors"):
         MACRLModel.from_pretrained(folder)

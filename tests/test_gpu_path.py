@@ -13,14 +13,10 @@ import torch.multiprocessing as mp
 
 from benchmarks.gpu_check import HostSyncCounter
 from macrl.devices import MAX_WORKERS_PER_GPU, default_num_workers, has_fused_adamw, has_tf32
-from macrl.presets import load_config
 from macrl.training.arguments import PretrainingArguments
-from macrl.training.trainer import build_training_arguments
+from macrl.training.plan import StepPlan, build_training_arguments, plan_run
 
-try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from batch_norm_worker import batch_norm_under_bf16
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.batch_norm_worker import batch_norm_under_bf16
+from tests.batch_norm_worker import batch_norm_under_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +25,8 @@ def test_a_cuda_run_gets_pinned_non_blocking_copies_fused_adamw_and_workers(tmp_
     """What build_training_arguments gives a CUDA device, built here without initialising CUDA (and in fp32: the
     stock arguments refuse bf16 without a GPU that has it)."""
     args = PretrainingArguments(output_dir=str(tmp_path), config="tiny", batch_size=16, bf16=False)
-    cuda = build_training_arguments(args, tmp_path / "checkpoints", 10, load_config("tiny"), torch.device("cuda"))
+    steps = StepPlan(max_steps=10, bf16=False)
+    cuda = build_training_arguments(args, plan_run(args, device=torch.device("cuda")), steps)
     assert cuda.optim == "adamw_torch_fused"
     assert cuda.dataloader_pin_memory and cuda.accelerator_config.non_blocking
     assert cuda.dataloader_num_workers == default_num_workers(torch.device("cuda")) >= 1
@@ -39,12 +36,13 @@ def test_a_cuda_run_gets_pinned_non_blocking_copies_fused_adamw_and_workers(tmp_
     assert cuda.tf32 is None  # no TF32 tensor cores here: left alone rather than refused
     assert not torch.cuda.is_initialized()
 
-    cpu = build_training_arguments(args, tmp_path / "checkpoints", 10, load_config("tiny"), torch.device("cpu"))
+    cpu = build_training_arguments(args, plan_run(args, device=torch.device("cpu")), steps)
     assert cpu.optim == "adamw_torch_fused" and not cpu.dataloader_pin_memory and cpu.use_cpu
     assert cpu.dataloader_num_workers == 1
     assert not cpu.accelerator_config.non_blocking
     explicit = PretrainingArguments(output_dir=str(tmp_path), config="tiny", batch_size=16, num_workers=3)
-    assert build_training_arguments(explicit, tmp_path, 10, load_config("tiny"), torch.device("cuda")).dataloader_num_workers == 3
+    explicit_plan = plan_run(explicit, device=torch.device("cuda"))
+    assert build_training_arguments(explicit, explicit_plan, steps).dataloader_num_workers == 3
 
 
 def test_device_facts():

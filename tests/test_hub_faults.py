@@ -17,22 +17,13 @@ import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from macrl import MACRLConfig, MACRLImageProcessor, MACRLModel
+from macrl import MACRLModel
 from macrl.hub import HTTP, HubPushError, push_encoder_to_hub
-from macrl.model_card import render_model_card, write_model_card
 
-try:  # tests/ is on sys.path under pytest's rootdir conftest
-    import hub_server
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).parent))
-    import hub_server
+from tests import hub_server
+from tests.tiny_models import save_tiny_encoder
 
 REPO_ID = "tester/macrl-faults"
-TINY = dict(
-    image_size=28, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-    decoder_intermediate_size=32, projection_dim=16, projector_hidden_size=32, predictor_hidden_size=32,
-)
 MAX_SECONDS = 20  # a failing push must give up within this (sleeps included)
 
 
@@ -110,13 +101,9 @@ def hub(tmp_path, monkeypatch):
 
 @pytest.fixture
 def encoder_folder(tmp_path) -> Path:
-    config = MACRLConfig(**TINY)
-    folder = tmp_path / "encoder"
-    torch.manual_seed(0)
-    MACRLModel(config).save_pretrained(folder)
-    MACRLImageProcessor.from_model_config(config).save_pretrained(folder)
-    write_model_card(folder, render_model_card(config, repo_id=REPO_ID))
-    return folder
+    """A tiny encoder with its model card, which the test may change."""
+    save_tiny_encoder(tmp_path / "encoder", card_repo_id=REPO_ID)
+    return tmp_path / "encoder"
 
 
 def _state(root: Path) -> dict[str, tuple[bytes, int]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,10 @@ import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from macrl import MACRLImageProcessor, MACRLModel
 from macrl.hub import HTTP, HubPushError, push_encoder_to_hub
-from macrl.model_card import render_model_card, write_model_card
 
-try:  # tests/ is on sys.path under pytest's rootdir conftest
-    from hub_server import hub_server_fixture, patch_hf_client, serve_hub  # noqa: F401 (registers `hub_server`)
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).parent))
-    from hub_server import hub_server_fixture, patch_hf_client, serve_hub  # noqa: F401
+from tests.hub_server import patch_hf_client, serve_hub
+from tests.tiny_models import save_tiny_encoder
 
 REPO_ID = "tester/macrl-encoder"
 PICKLE = "optimizer.pt"  # a pickled training state lying in the folder: it must never be uploaded
@@ -38,12 +32,8 @@ def _tree_state(root: Path) -> dict[str, tuple[bytes, int]]:
 @pytest.fixture
 def encoder_folder(tmp_path, tiny_config) -> Path:
     """A saved tiny encoder with its image processor, model card and a stray pickle."""
-    config = tiny_config()
     folder = tmp_path / "encoder"
-    torch.manual_seed(0)
-    MACRLModel(config).save_pretrained(folder)
-    MACRLImageProcessor.from_model_config(config).save_pretrained(folder)
-    write_model_card(folder, render_model_card(config, repo_id=REPO_ID))
+    save_tiny_encoder(folder, card_repo_id=REPO_ID)
     torch.save({"step": 1}, folder / PICKLE)
     return folder
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import snapshot_download
-from olah_mirror import hf_mirror, olah_server  # noqa: F401  (fixtures)
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, pipeline
@@ -17,18 +16,7 @@ from transformers import AutoImageProcessor, AutoModel, pipeline
 from macrl import MACRLImageProcessor, MACRLModel
 from macrl.extract import main as extract_main
 from macrl.hub import push_encoder_to_hub
-
-
-@pytest.fixture(scope="module")
-def encoder_folder(tmp_path_factory):
-    from macrl.presets import load_config
-
-    torch.manual_seed(0)
-    config = load_config("tiny")
-    folder = tmp_path_factory.mktemp("encoder")
-    MACRLModel(config).save_pretrained(folder)
-    MACRLImageProcessor.from_model_config(config).save_pretrained(folder)
-    return folder
+from tests.olah_mirror import hf_mirror, olah_server  # noqa: F401  (fixtures)
 
 
 def _images():
@@ -45,10 +33,10 @@ def _reference_features(folder, images):
         return model(pixels).pooler_output
 
 
-def test_from_pretrained_pipeline_and_snapshot_through_olah(hf_mirror, encoder_folder):
-    sha = hf_mirror.add_repo("acme/macrl-tiny", encoder_folder)
+def test_from_pretrained_pipeline_and_snapshot_through_olah(hf_mirror, tiny_encoder_folder):
+    sha = hf_mirror.add_repo("acme/macrl-tiny", tiny_encoder_folder)
     images = _images()
-    expected = _reference_features(encoder_folder, images)
+    expected = _reference_features(tiny_encoder_folder, images)
 
     model = AutoModel.from_pretrained("acme/macrl-tiny").eval()
     assert type(model) is MACRLModel
@@ -62,12 +50,12 @@ def test_from_pretrained_pipeline_and_snapshot_through_olah(hf_mirror, encoder_f
     torch.testing.assert_close(pooled, expected, rtol=1e-4, atol=1e-5)
 
     local = snapshot_download("acme/macrl-tiny", revision=sha)
-    assert load_file(f"{local}/model.safetensors").keys() == load_file(encoder_folder / "model.safetensors").keys()
-    assert (encoder_folder / "model.safetensors").read_bytes() == open(f"{local}/model.safetensors", "rb").read()
+    assert load_file(f"{local}/model.safetensors").keys() == load_file(tiny_encoder_folder / "model.safetensors").keys()
+    assert (tiny_encoder_folder / "model.safetensors").read_bytes() == open(f"{local}/model.safetensors", "rb").read()
 
 
-def test_trust_remote_code_through_olah_without_macrl(hf_mirror, encoder_folder, tmp_path):
-    hf_mirror.add_repo("acme/macrl-remote", encoder_folder)
+def test_trust_remote_code_through_olah_without_macrl(hf_mirror, tiny_encoder_folder, tmp_path):
+    hf_mirror.add_repo("acme/macrl-remote", tiny_encoder_folder)
     script = textwrap.dedent(
         """
         import sys
@@ -85,28 +73,28 @@ def test_trust_remote_code_through_olah_without_macrl(hf_mirror, encoder_folder,
     assert module.startswith("transformers_modules.") and width == "32"
 
 
-def test_push_then_load_gives_identical_weights_and_features(hub_server, encoder_folder):
-    push_encoder_to_hub(encoder_folder, "tester/macrl-roundtrip")
+def test_push_then_load_gives_identical_weights_and_features(hub_server, tiny_encoder_folder):
+    push_encoder_to_hub(tiny_encoder_folder, "tester/macrl-roundtrip")
     images = _images()
     loaded = MACRLModel.from_pretrained("tester/macrl-roundtrip")
-    original = load_file(encoder_folder / "model.safetensors")
+    original = load_file(tiny_encoder_folder / "model.safetensors")
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, original[name]), name
     pixels = AutoImageProcessor.from_pretrained("tester/macrl-roundtrip")(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(pixels).pooler_output, _reference_features(encoder_folder, images))
+        assert torch.equal(loaded.eval()(pixels).pooler_output, _reference_features(tiny_encoder_folder, images))
 
 
-def test_hub_errors_name_the_repo_and_what_to_do(hub_server, encoder_folder, tmp_path, capsys, monkeypatch):
+def test_hub_errors_name_the_repo_and_what_to_do(hub_server, tiny_encoder_folder, tmp_path, capsys, monkeypatch):
     # huggingface_hub backs off 1+2+4+8+8 s between retries of an unreachable server; the retries still happen
     sleeps = []
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", sleeps.append)
     with pytest.raises(OSError, match="tester/does-not-exist"):
         MACRLModel.from_pretrained("tester/does-not-exist")
-    push_encoder_to_hub(encoder_folder, "tester/macrl-errors")
+    push_encoder_to_hub(tiny_encoder_folder, "tester/macrl-errors")
     with pytest.raises(OSError, match="no-such-branch"):
         MACRLModel.from_pretrained("tester/macrl-errors", revision="no-such-branch")
-    push_encoder_to_hub(encoder_folder, "tester/macrl-private", private=True)
+    push_encoder_to_hub(tiny_encoder_folder, "tester/macrl-private", private=True)
     with pytest.raises(OSError, match="tester/macrl-private"):
         MACRLModel.from_pretrained("tester/macrl-private", token=False)
     assert MACRLModel.from_pretrained("tester/macrl-private") is not None  # with the token

@@ -26,10 +26,7 @@ from huggingface_hub.errors import (
 
 from macrl.hub import HTTP
 
-try:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from hub_server import GITATTRIBUTES, git_oid, hub_server_fixture, serve_hub  # noqa: F401 (fixture registration)
-except ImportError:  # pragma: no cover - if tests/ becomes a package
-    from tests.hub_server import GITATTRIBUTES, git_oid, hub_server_fixture, serve_hub  # noqa: F401
+from tests.hub_server import GITATTRIBUTES, git_oid, serve_hub
 
 REPO = "org/tiny-model"
 FILES = {

@@ -14,15 +14,11 @@ import pytest
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard
 
-from macrl import MACRLImageProcessor, MACRLModel
+from macrl import MACRLModel
 from macrl import model_card as model_card_module
 from macrl.model_card import CARD_TAGS, render_model_card, template_text, write_model_card
+from tests.tiny_models import save_tiny_encoder
 
-try:  # tests/ is on sys.path under pytest's rootdir conftest
-    from hub_server import hub_server_fixture  # noqa: F401 (registers the `hub_server` fixture)
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).parent))
-    from hub_server import hub_server_fixture  # noqa: F401
 
 REPO_ID = "tester/macrl-tiny"
 TRAINING = {
@@ -150,21 +146,13 @@ def test_write_model_card_never_clobbers(tmp_path):
         write_model_card(tmp_path / "missing", "x")
 
 
-def _save_encoder(config, folder: Path) -> MACRLModel:
-    torch.manual_seed(0)
-    model = MACRLModel(config).eval()
-    model.save_pretrained(folder)
-    MACRLImageProcessor.from_model_config(config).save_pretrained(folder)
-    return model
-
-
 def _upload(folder: Path, repo_id: str) -> None:
     api = HfApi()  # the hub_server fixture points it at the loopback Hub
     api.create_repo(repo_id)
     api.upload_folder(repo_id=repo_id, folder_path=folder)
 
 
-def _check_timm_features(namespace: dict, folder: Path, config) -> None:
+def check_timm_features(namespace: dict, folder: Path, config) -> None:
     """The timm model a card's code built gives the saved MACRLModel's pooled features."""
     reference = MACRLModel.from_pretrained(folder).eval()
     pixels = torch.randn(3, config.num_channels, config.image_size, config.image_size)
@@ -176,14 +164,14 @@ def _check_timm_features(namespace: dict, folder: Path, config) -> None:
 RUN_WITH_MACRL = """
 import json, sys, torch
 from pathlib import Path
-sys.path.insert(0, {tests!r})
-from test_model_card import _check_timm_features
+sys.path.insert(0, {root!r})
+from tests.test_model_card import check_timm_features
 from macrl import MACRLConfig
 blocks, folder = json.loads(Path({blocks!r}).read_text()), Path({folder!r})
 for block in blocks:
     namespace = {{"__name__": "__main__"}}
     exec(compile(block, "<model card>", "exec"), namespace)
-_check_timm_features(namespace, folder, MACRLConfig.from_pretrained(folder))  # the last block is timm's
+check_timm_features(namespace, folder, MACRLConfig.from_pretrained(folder))  # the last block is timm's
 """
 RUN_WITHOUT_MACRL = """
 import sys
@@ -200,7 +188,7 @@ def test_how_to_use_code_runs(hub_server, tiny_config, tmp_path):
     """The card's examples run as written against the repo on a loopback Hub (timm's needs hf_hub_download)."""
     config = tiny_config()
     folder = tmp_path / "encoder"
-    _save_encoder(config, folder)
+    save_tiny_encoder(folder, config)
     _upload(folder, REPO_ID)
     blocks = _python_blocks(_section(render_model_card(config, repo_id=REPO_ID), "How to use"))
     remote = [b for b in blocks if "trust_remote_code=True" in b and "import macrl" not in b]
@@ -212,7 +200,7 @@ def test_how_to_use_code_runs(hub_server, tiny_config, tmp_path):
     for name, script, snippets in (("with macrl", RUN_WITH_MACRL, local), ("without macrl", RUN_WITHOUT_MACRL, remote)):
         blocks_file = tmp_path / f"{name.replace(' ', '_')}.json"
         blocks_file.write_text(json.dumps(snippets))
-        code = textwrap.dedent(script).format(tests=str(Path(__file__).parent), blocks=str(blocks_file), folder=str(folder))
+        code = textwrap.dedent(script).format(root=str(Path(__file__).parents[1]), blocks=str(blocks_file), folder=str(folder))
         # both interpreters start at once: most of their time is importing torch and transformers
         runs[name] = subprocess.Popen(
             [sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -229,7 +217,7 @@ def test_timm_code_matches_every_architecture_option(hub_server, tiny_config, tm
     """Mean pooling, no qkv bias, another activation and LayerNorm epsilon all reach timm's keyword arguments."""
     config = tiny_config(pooling="mean", qkv_bias=False, hidden_act="gelu_tanh", layer_norm_eps=1e-5)
     folder = tmp_path / "encoder"
-    _save_encoder(config, folder)
+    save_tiny_encoder(folder, config)
     repo_id = "tester/macrl-mean"
     _upload(folder, repo_id)
     timm_block = _python_blocks(_section(render_model_card(config, repo_id=repo_id), "How to use"))[-1]
@@ -237,4 +225,4 @@ def test_timm_code_matches_every_architecture_option(hub_server, tiny_config, tm
         assert argument in timm_block, argument
     namespace = {"__name__": "__main__"}
     exec(compile(timm_block, "<model card>", "exec"), namespace)
-    _check_timm_features(namespace, folder, config)
+    check_timm_features(namespace, folder, config)

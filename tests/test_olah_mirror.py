@@ -26,7 +26,7 @@ import huggingface_hub
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-from olah_mirror import OlahServer, hf_mirror, olah_server  # noqa: F401  (fixtures)
+from tests.olah_mirror import OlahServer, hf_mirror, olah_server  # noqa: F401  (fixtures)
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

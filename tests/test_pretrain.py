@@ -13,13 +13,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
-from image_folders import write_class_folders
 from macrl.pretrain import build_parser, format_report, main
-from macrl.presets import load_config
-from macrl.training.budget import steady_step_seconds
-from macrl.training.trainer import build_training_arguments
+from macrl.training.plan import StepPlan, build_training_arguments, plan_run
 from macrl.visualization import grid_figure_size
-from saved_datasets import write_dataset_dict
+from tests.image_folders import write_class_folders
+from tests.saved_datasets import write_dataset_dict
 
 # a few seconds per run: the tiny preset on a few dozen Fashion-MNIST images
 FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--eval-images", "40"]
@@ -252,20 +250,9 @@ def test_datasets_dataset_as_data(tmp_path, capsys):
     ],
 )
 def test_learning_rate_default_follows_the_preset(tmp_path, flags, learning_rate):
-    (args,) = build_parser().parse_args_into_dataclasses(flags)
-    training_args = build_training_arguments(
-        args, tmp_path, max_steps=10, config=load_config(args.config), device=torch.device("cpu")
-    )
+    (args,) = build_parser().parse_args_into_dataclasses([*flags, "--output-dir", str(tmp_path)])
+    training_args = build_training_arguments(args, plan_run(args), StepPlan(max_steps=10, bf16=False))
     assert training_args.learning_rate == pytest.approx(learning_rate)
-
-
-def test_step_time_ignores_the_slow_first_steps():
-    # the first steps of a fresh model, timed on a 2-core AVX2 machine: ~1.8x the steady 0.7 s at first
-    durations = [1.25, 1.14, 0.84, 0.76, 0.71, 0.74, 0.65, 0.77, 0.70, 0.77]
-    assert steady_step_seconds(durations) == pytest.approx(0.74)
-    assert steady_step_seconds([0.5]) == 0.5
-    with pytest.raises(ValueError, match="no step"):
-        steady_step_seconds([])
 
 
 def test_max_minutes_on_fewer_batches_than_the_probe_times(tmp_path):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from image_folders import write_class_folders
 from macrl import MACRLModel
 from macrl.evaluate import main as eval_main
 from macrl.evaluation import evaluate_features, knn_accuracy
@@ -23,6 +22,7 @@ from macrl.evaluation.label_subsets import fraction_name, labelled_subset
 from macrl.model_card import accuracy_metrics
 from macrl.pretrain import format_report
 from macrl.pretrain import main as pretrain_main
+from tests.image_folders import write_class_folders
 
 FAST = ["--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1"]
 
@@ -136,13 +136,8 @@ def test_the_main_job_reports_every_probe_and_macrl_eval_reproduces_them(eval_fo
     assert "1% of labels" in table and "pixels" in table and "DINOv2 protocol" in table
 
 
-def test_macrl_eval_without_label_fractions_or_dinov2(eval_folder, tmp_path, capsys):
-    from macrl import MACRLConfig, MACRLImageProcessor
-    from macrl.presets import PRESETS
-
-    encoder = tmp_path / "encoder"
-    MACRLModel(MACRLConfig(**PRESETS["tiny"])).save_pretrained(encoder)
-    MACRLImageProcessor(size={"height": 28, "width": 28}, num_channels=1).save_pretrained(encoder)
+def test_macrl_eval_without_label_fractions_or_dinov2(eval_folder, tiny_encoder_folder, tmp_path, capsys):
+    encoder = tiny_encoder_folder
     output = tmp_path / "eval.json"
     assert eval_main(["--model", str(encoder), "--data", str(eval_folder), "--label-fractions", "--no-dinov2-linear",
                       "--no-raw-pixel-floor", "--no-linear-probe", "--output", str(output)]) == 0

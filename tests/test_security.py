@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 import macrl  # noqa: F401 - registers MACRL with the Auto classes
 from macrl import MACRLConfig, MACRLForPreTraining, MACRLImageProcessor, MACRLModel
+from tests.tiny_models import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("macrl", "conversion", "benchmarks", "tests")
@@ -29,11 +30,6 @@ SCANNED = ("macrl", "conversion", "benchmarks", "tests")
 PICKLE_ALLOWED = {"tests/test_security.py"}
 # tests that pass trust_remote_code=True, in a subprocess without macrl, to show released folders work there
 REMOTE_CODE_ALLOWED = {"tests/test_save_and_auto.py", "tests/test_hub_roundtrip.py"}
-TINY = dict(
-    image_size=28, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-    intermediate_size=64, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-    decoder_intermediate_size=32, projection_dim=16, projector_hidden_size=32, predictor_hidden_size=32,
-)
 
 
 @functools.cache

@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from image_folders import write_class_folders
 from macrl.data import (
     BatchedTwoViewDataset,
     StreamCollator,
@@ -35,7 +34,9 @@ from macrl.data import (
 )
 from macrl.data.fashion_mnist import load_fashion_mnist
 from macrl.pretrain import main
-from shard_files import fashion_samples, write_shards
+from tests.image_folders import write_class_folders
+from tests.pretrain_runs import finish, kill, launch, logged_losses, logged_steps, poll
+from tests.shard_files import fashion_samples, write_shards
 
 IMAGES, SHARDS, BUFFER = 192, 4, 32
 NUM_PATCHES = 49
@@ -281,33 +282,25 @@ def test_kill_9_mid_epoch_then_resume_ends_with_the_weights_of_an_uninterrupted_
     """`macrl-pretrain --data SHARDS --num-workers 2` killed during step 6 (checkpoint at 3: both readers inside a
     shuffle window, and the next batch is worker 1's), then `--resume`: the same weights and log as a run never
     interrupted."""
-    from test_crash_safety import ENV, TIMEOUT, _kill, _log, _poll, _logged_steps
-
     args = ["--data", shards, "--config", "tiny", "--batch-size", "16", "--num-workers", "2", "--logging-steps", "1",
             "--save-steps", "3", "--max-steps", "9", "--no-knn", "--seed", "3", "--shuffle-buffer", "20"]
 
-    def launch(out: Path, *extra) -> subprocess.Popen:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "stderr.txt", "ab") as stderr:
-            command = [sys.executable, "-m", "macrl.pretrain", *args, "--output-dir", str(out), *extra]
-            return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
-
-    def finish(process, out):
-        assert process.wait(timeout=TIMEOUT) == 0, (out / "stderr.txt").read_text()[-3000:]
+    def start(out: Path, *extra) -> subprocess.Popen:
+        return launch([sys.executable, "-m", "macrl.pretrain", *args, "--output-dir", out, *extra], out)
 
     reference, run = tmp_path / "reference", tmp_path / "run"
-    first = launch(reference)
-    killed = launch(run)
-    assert _poll(killed, lambda: _logged_steps(run) >= 5) is not None, (run / "stderr.txt").read_text()[-3000:]
-    _kill(killed)
+    first = start(reference)
+    killed = start(run)
+    assert poll(killed, lambda: logged_steps(run) >= 5) is not None, (run / "stderr.txt").read_text()[-3000:]
+    kill(killed)
     state = json.loads((run / "checkpoints" / "checkpoint-3" / "data_state_0.json").read_text())
     # (reader, window, taken): reader 0 gave batches 0 and 2 (16 images each, windows of 20), reader 1 batch 1
     assert state["batches"] == 3 and sorted((p[0], p[5], p[6]) for p in state["positions"]) == [(0, 1, 12), (1, 0, 16)]
     assert not (run / "model.safetensors").exists()
     finish(first, reference)
-    finish(launch(run, "--resume"), run)
+    finish(start(run, "--resume"), run)
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
-    assert _log(run) == _log(reference)
+    assert logged_losses(run) == logged_losses(reference)
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 9 and results["epochs"] == round(9 * 16 / IMAGES, 3)
 
@@ -316,14 +309,12 @@ def test_gradient_accumulation_splits_the_global_batch_into_micro_batches(tmp_pa
     """`--gradient-accumulation-steps 2 --batch-size 16`: the Trainer takes micro-batches of 8, steps once per 16
     images, and a batch that does not split is refused."""
     from macrl.pretrain import build_parser
-    from macrl.training.trainer import build_training_arguments
+    from macrl.training.plan import StepPlan, build_training_arguments, plan_run
 
     (args,) = build_parser().parse_args_into_dataclasses(
         args=["--batch-size", "16", "--gradient-accumulation-steps", "2", "--output-dir", str(tmp_path)]
     )
-    from macrl.presets import load_config
-
-    training = build_training_arguments(args, tmp_path / "checkpoints", 4, load_config("tiny"), torch.device("cpu"))
+    training = build_training_arguments(args, plan_run(args), StepPlan(max_steps=4, bf16=False))
     assert training.per_device_train_batch_size == 8 and training.gradient_accumulation_steps == 2
     assert main(["--batch-size", "16", "--gradient-accumulation-steps", "3", "--max-steps", "1",
                  "--output-dir", str(tmp_path / "out")]) == 2
@@ -456,25 +447,17 @@ def test_torchrun_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_run(s
     import signal
 
     import psutil  # an accelerate dependency
-    from test_crash_safety import ENV, TIMEOUT, _log, _logged_steps, _poll
-
     command = [*TORCHRUN, "-m", "macrl.pretrain", "--data", shards, "--config", "tiny", "--batch-size", "16",
                "--num-workers", "2", "--logging-steps", "1", "--save-steps", "3", "--max-steps", "9",
                "--shuffle-buffer", "20", "--no-knn", "--seed", "3"]
 
-    def launch(out: Path, *extra) -> subprocess.Popen:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "stderr.txt", "ab") as stderr:
-            return subprocess.Popen([*command, "--output-dir", str(out), *extra], env=ENV,
-                                    stdout=subprocess.DEVNULL, stderr=stderr)
-
-    def finish(process: subprocess.Popen, out: Path) -> None:
-        assert process.wait(timeout=TIMEOUT) == 0, (out / "stderr.txt").read_text()[-3000:]
+    def start(out: Path, *extra) -> subprocess.Popen:
+        return launch([*command, "--output-dir", out, *extra], out)
 
     reference, run = tmp_path / "reference", tmp_path / "run"
-    finish(launch(reference), reference)
-    killed = launch(run)
-    assert _poll(killed, lambda: _logged_steps(run) >= 5) is not None, (run / "stderr.txt").read_text()[-3000:]
+    finish(start(reference), reference)
+    killed = start(run)
+    assert poll(killed, lambda: logged_steps(run) >= 5) is not None, (run / "stderr.txt").read_text()[-3000:]
     launcher = psutil.Process(killed.pid)
     # torchrun starts each process in a session of its own: kill the whole tree, as a lost node would
     processes = launcher.children(recursive=True)
@@ -484,10 +467,10 @@ def test_torchrun_killed_mid_epoch_then_resumed_ends_like_an_uninterrupted_run(s
     psutil.wait_procs(processes, timeout=60)
     assert not (run / "model.safetensors").exists()
     assert all((run / "checkpoints" / "checkpoint-3" / f"data_state_{rank}.json").is_file() for rank in (0, 1))
-    finish(launch(run, "--resume"), run)
+    finish(start(run, "--resume"), run)
     assert "checkpoint-3 at step 3 of 9" in (run / "stderr.txt").read_text()
     assert (run / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
-    assert _log(run) == _log(reference) and [step for step, _ in _log(run)] == list(range(1, 10))
+    assert logged_losses(run) == logged_losses(reference) and [step for step, _ in logged_losses(run)] == list(range(1, 10))
 
 
 def test_resuming_a_stream_from_its_last_checkpoint_trains_no_more(shards, tmp_path):

@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import get_cosine_schedule_with_warmup
 
 from macrl.precision import cpu_runs_bf16_fast
 from macrl.pretrain import main
-from macrl.training.budget import warmup_cosine
 
 # the tiny preset on a few hundred Fashion-MNIST images: a step takes a few tens of milliseconds
 TINY = ["--config", "tiny", "--batch-size", "32", "--num-workers", "0", "--limit-images", "512", "--logging-steps", "5"]
@@ -28,16 +26,6 @@ BUSY = "import time\nend = time.time() + 120\nwhile time.time() < end: pass\n"
 
 def _log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "logs" / "train_log.jsonl").read_text().splitlines()]
-
-
-def test_warmup_cosine_follows_the_stock_schedule_on_steps():
-    import torch
-
-    steps, warmup = 200, 10
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    stock = get_cosine_schedule_with_warmup(optimizer, warmup, steps).lr_lambdas[0]
-    for step in (0, 3, 10, 57, 150, 199, 200):
-        assert warmup_cosine(step / steps, warmup / steps) == pytest.approx(stock(step), abs=1e-12)
 
 
 def test_budget_run_under_outside_load_still_ends_its_schedules(tmp_path):
@@ -161,26 +149,3 @@ def test_knn_monitor_cost_benchmark_prints_its_table():
     shares = [float(share) for share in re.findall(r"^\| \d+ \| ([\d.]+)% \|$", done.stdout, re.M)]
     assert len(shares) == 5 and shares == sorted(shares, reverse=True), done.stdout
     assert "machine: " in done.stdout and "smallest cadence under 5%" in done.stdout
-
-
-def test_step_probe_times_each_precision_it_is_given(fashion_images):
-    """The budget's probe times real steps of every precision it is asked for (taking turns), on a throwaway copy."""
-    import torch
-
-    from macrl import MACRLConfig, MACRLForPreTraining
-    from macrl.presets import PRESETS
-    from macrl.training.budget import probe_step_seconds
-
-    model = MACRLForPreTraining(MACRLConfig(**PRESETS["tiny"]))
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    pixels, _ = fashion_images
-    dataset = [{"pixel_values": image, "momentum_pixel_values": image} for image in pixels]
-    timed = probe_step_seconds(
-        model, dataset, None, batch_size=16, num_workers=0, precisions=(False, True), device=torch.device("cpu")
-    )
-    assert set(timed) == {False, True} and all(seconds > 0 for seconds in timed.values())
-    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
-    only = probe_step_seconds(
-        model, dataset, None, batch_size=16, num_workers=0, precisions=(False,), device=torch.device("cpu")
-    )
-    assert list(only) == [False]

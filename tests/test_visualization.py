@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from image_folders import write_class_folders
+from tests.image_folders import write_class_folders
 from macrl import MACRLBackbone, MACRLForImageClassification, MACRLForPreTraining, MACRLImageProcessor, MACRLModel
 from macrl.visualization import (
     ATTENTION_MAPS_FILE,

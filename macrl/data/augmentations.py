@@ -32,7 +32,7 @@ GRAYSCALE_MEAN: tuple[float] = (0.5,)
 GRAYSCALE_STD: tuple[float] = (0.5,)
 
 # MoCo v3's ColorJitter(brightness, contrast, saturation, hue) at strength 1.0.
-_MOCO_V3_JITTER = (0.4, 0.4, 0.2, 0.1)
+MOCO_V3_JITTER = (0.4, 0.4, 0.2, 0.1)
 # Below this size the eval transform resizes the whole image instead of resizing
 # larger and centre-cropping: at 28-32 px the border holds object parts (a
 # Fashion-MNIST garment fills its frame), and 12.5% of it is too much to drop.
@@ -189,7 +189,7 @@ def build_strong_transform(cfg: AugmentationConfig) -> v2.Compose:
     transforms += _random_crop_and_flip(cfg, cfg.strong_crop_scale)
     if cfg.color_jitter_strength > 0 and cfg.color_jitter_prob > 0:
         brightness, contrast, saturation, hue = (
-            value * cfg.color_jitter_strength for value in _MOCO_V3_JITTER
+            value * cfg.color_jitter_strength for value in MOCO_V3_JITTER
         )
         if cfg.num_channels == 1:  # saturation and hue mean nothing for grey pixels
             jitter = v2.ColorJitter(brightness=brightness, contrast=contrast)

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .augmentations import _MOCO_V3_JITTER, AugmentationConfig
+from .augmentations import MOCO_V3_JITTER, AugmentationConfig
 
 # RandomResizedCrop draws up to 10 (area, ratio) pairs and keeps the first box that fits in the image
 CROP_TRIES = 10
@@ -105,7 +105,7 @@ def _grayscale(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(dim=1, keepdim=True)
 
 
-def _rotate_hue(images: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+def rotate_hue(images: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     """Turn the chroma of RGB `images [B, 3, H, W]` by `hue [B]` of a full turn, in YIQ space."""
     angle = 2 * math.pi * hue  # [B]
     cos, sin = angle.cos(), angle.sin()
@@ -165,7 +165,7 @@ class BatchAugmentation:
         cfg = self.config
         if cfg.color_jitter_strength > 0 and cfg.color_jitter_prob > 0:
             jitter = uniforms[:, _JITTER] < cfg.color_jitter_prob  # [B]
-            strengths = [value * cfg.color_jitter_strength for value in _MOCO_V3_JITTER]
+            strengths = [value * cfg.color_jitter_strength for value in MOCO_V3_JITTER]
             # a factor of 1 (hue shift 0) leaves an image unchanged: that is what the unjittered ones get
             brightness, contrast, saturation = (
                 torch.where(jitter, _uniform(uniforms[:, _JITTER + 1 + k], max(0.0, 1 - s), 1 + s), 1.0)
@@ -177,7 +177,7 @@ class BatchAugmentation:
                 x = _blend(x, _grayscale(x), saturation)
                 hue_strength = min(strengths[3], 0.5)
                 hue = torch.where(jitter, _uniform(uniforms[:, _JITTER + 4], -hue_strength, hue_strength), 0.0)
-                x = _rotate_hue(x, hue)
+                x = rotate_hue(x, hue)
         if cfg.num_channels == 3 and cfg.grayscale_prob > 0:
             gray = (uniforms[:, _GRAYSCALE] < cfg.grayscale_prob).view(-1, 1, 1, 1)
             x = torch.where(gray, _grayscale(x).expand_as(x), x)

@@ -24,7 +24,7 @@ _LABEL_COLUMN_NAMES = ("label", "labels")
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
-def _import_datasets() -> Any:
+def import_datasets() -> Any:
     """Import ``datasets`` or explain how to install it."""
     try:
         import datasets
@@ -41,7 +41,8 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS)
 
 
-def _find_image_column(features: Any, datasets: Any) -> str | None:
+def find_image_column(features: Any, datasets: Any) -> str | None:
+    """The column of `features` that holds the images: the first `datasets.Image` feature, else a usual name."""
     for column, feature in features.items():
         if isinstance(feature, datasets.Image):
             return column
@@ -51,7 +52,8 @@ def _find_image_column(features: Any, datasets: Any) -> str | None:
     return None
 
 
-def _find_label_column(features: Any, datasets: Any) -> str | None:
+def find_label_column(features: Any, datasets: Any) -> str | None:
+    """The column of `features` that holds the labels: the first `datasets.ClassLabel` feature, else a usual name."""
     for column, feature in features.items():
         if isinstance(feature, datasets.ClassLabel):
             return column
@@ -94,7 +96,7 @@ class HFDatasetSource:
     ) -> None:
         if mode not in ("RGB", "L"):
             raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-        datasets = _import_datasets()
+        datasets = import_datasets()
         self.mode = mode
         self.split = split
         self.name = f"{name_or_path}[{split}]"
@@ -117,7 +119,7 @@ class HFDatasetSource:
 
         features = loaded.features
         columns = list(features)
-        image_column = image_column or _find_image_column(features, datasets)
+        image_column = image_column or find_image_column(features, datasets)
         if image_column is None or image_column not in features:
             raise ValueError(
                 f"No image column in {self.name} (columns: {columns}); "
@@ -127,7 +129,7 @@ class HFDatasetSource:
             raise ValueError(
                 f"Label column {label_column!r} not in {self.name} (columns: {columns})"
             )
-        label_column = label_column or _find_label_column(features, datasets)
+        label_column = label_column or find_label_column(features, datasets)
         self.image_column = image_column
         self.label_column = label_column
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from .hf_datasets import _find_image_column, _find_label_column, _import_datasets
+from .hf_datasets import find_image_column, find_label_column, import_datasets
 from .shards import StreamSample
 
 __all__ = ["HFStreamingShards"]
@@ -34,7 +34,7 @@ class HFStreamingShards:
         mode: str = "RGB",
         load_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        datasets = _import_datasets()
+        datasets = import_datasets()
         self.mode = mode
         self.name = f"{name_or_path}[{split}]"
         self.image_size: tuple[int, int] | None = None
@@ -46,13 +46,13 @@ class HFStreamingShards:
             dataset = dataset._resolve_features()
             features = dataset.features
         columns = list(features)
-        image_column = image_column or _find_image_column(features, datasets)
+        image_column = image_column or find_image_column(features, datasets)
         if image_column is None or image_column not in features:
             raise ValueError(f"No image column in {self.name} (columns: {columns}); pass image_column=...")
         if label_column is not None and label_column not in features:
             raise ValueError(f"Label column {label_column!r} not in {self.name} (columns: {columns})")
         self.image_column = image_column
-        self.label_column = label_column or _find_label_column(features, datasets)
+        self.label_column = label_column or find_label_column(features, datasets)
         self._dataset = dataset.select_columns([c for c in (image_column, self.label_column) if c])
         self.shards = [f"{self.name} shard {index}" for index in range(dataset.n_shards)]
         info = getattr(dataset, "info", None)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from ..distributed import process_layout
 from ..errors import first_line
 from .image_folder import UnreadableImageError
 from .shards import StreamSample, UnreadableShardError
@@ -43,7 +44,6 @@ __all__ = [
     "StreamPositions",
     "StreamingTwoViewDataset",
     "key_index",
-    "reader_layout",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,18 +72,6 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     """The epoch's seeded order of the shards."""
     generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, 0x5A4D])))
     return [int(i) for i in generator.permutation(num_shards)]
-
-
-def reader_layout() -> tuple[int, int]:
-    """(rank, processes) of this process: torch.distributed's when it is initialised, else torchrun's RANK and
-    WORLD_SIZE, else (0, 1)."""
-    import os
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass(frozen=True)
@@ -151,7 +139,7 @@ class StreamingTwoViewDataset(IterableDataset):
         mode: the PIL mode images are decoded to.
         buffer_size: the shuffle buffer (window) of every reader; 1 reads each shard in order.
         skip_unreadable: skip (and count) undecodable samples and the rest of a truncated shard, instead of raising.
-        rank, processes: this process's place; default `reader_layout()` when iterated.
+        rank, processes: this process's place; default `macrl.distributed.process_layout()` when iterated.
     """
 
     def __init__(
@@ -194,7 +182,11 @@ class StreamingTwoViewDataset(IterableDataset):
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        rank, processes = (self.rank, self.processes) if self.rank is not None else reader_layout()
+        if self.rank is not None:
+            rank, processes = self.rank, self.processes
+        else:
+            layout = process_layout()
+            rank, processes = layout.rank, layout.processes
         readers = processes * workers
         if len(self.stream.shards) < readers:
             from .open_data import DataError

@@ -20,13 +20,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["weighted_knn_predict", "knn_accuracy"]
+__all__ = [
+    "check_features", "check_labels", "check_num_classes", "check_same_dim", "knn_accuracy", "weighted_knn_predict",
+]
 
 
 # --------------------------------------------------------------------------- #
 # Input validation (shared with linear_probe.py)
 # --------------------------------------------------------------------------- #
-def _check_features(name: str, features: torch.Tensor) -> None:
+def check_features(name: str, features: torch.Tensor) -> None:
     """Raise if ``features`` is not a non-empty, finite, floating ``[rows, D]`` tensor."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
@@ -40,7 +42,7 @@ def _check_features(name: str, features: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def _check_labels(name: str, labels: torch.Tensor, num_rows: int, num_classes: int) -> None:
+def check_labels(name: str, labels: torch.Tensor, num_rows: int, num_classes: int) -> None:
     """Raise if ``labels`` is not a ``[num_rows]`` integer tensor with values in ``[0, num_classes)``."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
@@ -57,12 +59,12 @@ def _check_labels(name: str, labels: torch.Tensor, num_rows: int, num_classes: i
         raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{low}, {high}]")
 
 
-def _check_num_classes(num_classes: int) -> None:
+def check_num_classes(num_classes: int) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
 
 
-def _check_same_dim(train_features: torch.Tensor, test_features: torch.Tensor) -> None:
+def check_same_dim(train_features: torch.Tensor, test_features: torch.Tensor) -> None:
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
             f"train_features and test_features must have the same feature dim, "
@@ -109,11 +111,11 @@ def weighted_knn_predict(
             or ``batch_size`` not positive.
         TypeError: non-tensor, non-floating features or non-integer labels.
     """
-    _check_num_classes(num_classes)
-    _check_features("train_features", train_features)
-    _check_features("test_features", test_features)
-    _check_same_dim(train_features, test_features)
-    _check_labels("train_labels", train_labels, train_features.shape[0], num_classes)
+    check_num_classes(num_classes)
+    check_features("train_features", train_features)
+    check_features("test_features", test_features)
+    check_same_dim(train_features, test_features)
+    check_labels("train_labels", train_labels, train_features.shape[0], num_classes)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -169,9 +171,9 @@ def knn_accuracy(
     ``test_labels`` is ``[M]`` with integer values in ``[0, num_classes)``;
     the other arguments are those of :func:`weighted_knn_predict`.
     """
-    _check_num_classes(num_classes)
-    _check_features("test_features", test_features)
-    _check_labels("test_labels", test_labels, test_features.shape[0], num_classes)
+    check_num_classes(num_classes)
+    check_features("test_features", test_features)
+    check_labels("test_labels", test_labels, test_features.shape[0], num_classes)
     predictions = weighted_knn_predict(
         train_features, train_labels, test_features, num_classes, k, temperature, batch_size
     )  # [M]

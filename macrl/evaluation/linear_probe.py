@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .knn import _check_features, _check_labels, _check_num_classes, _check_same_dim
+from .knn import check_features, check_labels, check_num_classes, check_same_dim
 from .labels import EvaluationDataError
 
 __all__ = ["LinearProbeResult", "linear_probe"]
@@ -216,12 +216,12 @@ def linear_probe(
             non-positive ``epochs`` / ``batch_size``.
         RuntimeError: every grid point diverged.
     """
-    _check_num_classes(num_classes)
-    _check_features("train_features", train_features)
-    _check_features("test_features", test_features)
-    _check_same_dim(train_features, test_features)
-    _check_labels("train_labels", train_labels, train_features.shape[0], num_classes)
-    _check_labels("test_labels", test_labels, test_features.shape[0], num_classes)
+    check_num_classes(num_classes)
+    check_features("train_features", train_features)
+    check_features("test_features", test_features)
+    check_same_dim(train_features, test_features)
+    check_labels("train_labels", train_labels, train_features.shape[0], num_classes)
+    check_labels("test_labels", test_labels, test_features.shape[0], num_classes)
     if len(lrs) == 0 or any(not (math.isfinite(lr) and lr > 0) for lr in lrs):
         raise ValueError(f"lrs must be a non-empty sequence of positive numbers, got {lrs!r}")
     if len(weight_decays) == 0 or any(not (math.isfinite(wd) and wd >= 0) for wd in weight_decays):

@@ -1,5 +1,6 @@
 """A run's progress and its time budget (`--max-minutes`): the step count that fits the budget, the clock that the
-schedules follow, and the stop when the budget is spent."""
+schedules follow (and its state in a checkpoint), the stop when the budget is spent, and the progress bar of a
+budget run."""
 
 from __future__ import annotations
 
@@ -8,17 +9,21 @@ import itertools
 import math
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_callback import ExportableState, ProgressCallback
+from tqdm.auto import tqdm
 
 from ..devices import has_fused_adamw
 from ..distributed import is_distributed
 from ..modeling_macrl import MACRLForPreTraining
 
 __all__ = [
+    "BudgetProgressCallback",
+    "ClockState",
     "PROBE_STEPS",
     "probe_step_seconds",
     "STEP_HEADROOM",
@@ -101,6 +106,14 @@ def fit_steps_to_budget(minutes: float, step_seconds: float) -> int:
     return max(int(minutes * 60 * STEP_TIME_SHARE / step_seconds), 1)
 
 
+@dataclass(frozen=True)
+class ClockState:
+    """What a `TrainingClock` keeps in a checkpoint (`TrainerState.stateful_callbacks`) for the run that resumes it."""
+
+    spent_seconds: float = 0.0  # training time spent up to the checkpoint
+    bf16: bool | None = None  # the precision the run chose at its start (None: a checkpoint that does not say)
+
+
 class TrainingClock(TrainerCallback, ExportableState):
     """The progress of a run in [0, 1], which its learning-rate and momentum schedules follow, and its time budget.
 
@@ -132,15 +145,26 @@ class TrainingClock(TrainerCallback, ExportableState):
         return self.spent_before + (0.0 if self.started is None else time.monotonic() - self.started)
 
     def state(self) -> dict:
+        """What goes into each checkpoint; `saved_in` reads it back."""
         return {
             "args": {"max_minutes": self.max_minutes, "bf16": self.bf16},
             "attributes": {"spent_seconds": self.spent_seconds(), "bf16": self.bf16},
         }
 
+    @classmethod
+    def saved_in(cls, state: TrainerState) -> ClockState | None:
+        """The clock's state in a checkpoint's `TrainerState` (`TrainerState.load_from_json(...)`), or None where the
+        checkpoint holds none."""
+        saved = (state.stateful_callbacks or {}).get(cls.__name__)
+        if not isinstance(saved, dict):
+            return None
+        attributes = saved.get("attributes", {})
+        return ClockState(float(attributes.get("spent_seconds", 0.0)), attributes.get("bf16"))
+
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if state.global_step > 0 and isinstance(saved, dict):  # resumed: the time spent before counts
-            self.spent_before = float(saved.get("attributes", {}).get("spent_seconds", 0.0))
+        saved = self.saved_in(state)
+        if state.global_step > 0 and saved is not None:  # resumed: the time spent before counts
+            self.spent_before = saved.spent_seconds
         if is_distributed() and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")  # every rank takes part, once
         self.started = time.monotonic()
@@ -172,3 +196,34 @@ def warmup_cosine(progress: float, warmup: float) -> float:
     if progress < warmup:
         return progress / warmup
     return 0.5 * (1.0 + math.cos(math.pi * min((progress - warmup) / max(1.0 - warmup, 1e-12), 1.0)))
+
+
+class BudgetProgressCallback(ProgressCallback):
+    """The progress bar of a budget run (`--max-minutes`): the budget's seconds, as far as the clock's progress (what
+    the schedules follow) has gone, with the step beside them.
+
+    The stock bar counts to the Trainer's `max_steps`, which for a budget run is a cap of `STEP_HEADROOM` times the
+    fitted steps: a 10-minute run would show 2402 steps and a 15-minute ETA. The Trainer's own bar is replaced by
+    this one (`MACRLPretrainer`); its log lines and the end are the stock bar's.
+    """
+
+    def __init__(self, clock: TrainingClock):
+        super().__init__()
+        self.clock = clock
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            total = round(self.clock.budget_seconds)
+            # a resumed run starts where its clock stands
+            self.training_bar = tqdm(
+                total=total, initial=min(round(self.clock.progress * total), total), unit="s", dynamic_ncols=True,
+                desc=f"{self.clock.max_minutes:g}-minute budget",
+            )
+        self.current_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            done = min(round(self.clock.progress * self.training_bar.total), self.training_bar.total)
+            self.training_bar.set_postfix_str(f"step {state.global_step}", refresh=False)
+            self.training_bar.update(done - self.training_bar.n)
+        self.current_step = state.global_step

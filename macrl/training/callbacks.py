@@ -1,18 +1,25 @@
 """Trainer callbacks of the pre-training loop: momentum EMA, data epoch, a stream's data position, the JSONL log,
-checkpoint pushes, the time to the first step."""
+checkpoint pushes, the time to the first step; and `RunCallbacks`, every callback of a run in its one order."""
+
+from __future__ import annotations
 
 import json
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import TwoViewDataset
+from ..data.streaming_two_view_dataset import StreamPositions
 from ..errors import first_line
+from .budget import BudgetProgressCallback, TrainingClock
+from .checkpoints import AtomicCheckpoints
+from .knn_monitor import KnnMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -142,3 +149,44 @@ class PushCheckpointCallback(TrainerCallback):
             self.pushed.append(state.global_step)
         except Exception as error:  # noqa: BLE001 - any Hub failure must not end a long run
             logger.warning("pushing the step-%d encoder failed: %s", state.global_step, first_line(error))
+
+
+@dataclass
+class RunCallbacks:
+    """Every callback of a pre-training run, by name, and the one order they run in (`in_order`).
+
+    `MACRLPretrainer` takes them all and reads what its hooks need from them: the clock (the schedules), the
+    momentum update (the logged momentum), the kNN monitor (its results in the next log) and a stream's data positions.
+    """
+
+    clock: TrainingClock
+    checkpoints: AtomicCheckpoints
+    log: JsonlLogCallback | None = None
+    data_epoch: DataEpochCallback | None = None  # random-access data: a stream counts its own epochs
+    data_position: DataPositionCallback | None = None  # a stream
+    monitor: KnnMonitor | None = None
+    first_step: FirstStepTimer | None = None
+    tensorboard: TrainerCallback | None = None
+    push: PushCheckpointCallback | None = None
+    extra: list[TrainerCallback] = field(default_factory=list)
+    momentum_update: MomentumUpdateCallback = field(init=False)
+    # a budget run's progress bar, which takes the place of the Trainer's own (None: the stock bar of the steps)
+    progress_bar: BudgetProgressCallback | None = field(init=False)
+
+    def __post_init__(self):
+        self.momentum_update = MomentumUpdateCallback(self.clock)
+        self.progress_bar = BudgetProgressCallback(self.clock) if self.clock.budget_seconds is not None else None
+
+    @property
+    def stream_positions(self) -> StreamPositions | None:
+        return None if self.data_position is None else self.data_position.positions
+
+    def in_order(self) -> list[TrainerCallback]:
+        # The clock first (it decides the stop) and the EMA right after it; a stream's data position before
+        # AtomicCheckpoints (written into the checkpoint before it is moved into place); the monitor and the
+        # last-step log after the clock's stop, so the last step is measured and logged.
+        ordered = [
+            self.clock, self.momentum_update, self.data_position, self.checkpoints, self.monitor,
+            LogLastStepCallback(), self.data_epoch, self.log, self.first_step, self.tensorboard, self.push, *self.extra,
+        ]
+        return [callback for callback in ordered if callback is not None]

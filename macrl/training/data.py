@@ -1,4 +1,4 @@
-"""What `macrl-pretrain` trains and evaluates on, from its `--data` and `--eval-data` arguments."""
+"""What `macrl-pretrain` trains and evaluates on, from its `--data` and `--eval-data` (`DataOptions`)."""
 
 import dataclasses
 from dataclasses import dataclass
@@ -23,7 +23,8 @@ from ..data import (
     open_train_and_test,
 )
 from ..data.open_data import is_stream, open_stream
-from ..data.streaming_two_view_dataset import StreamCollator, StreamingTwoViewDataset, reader_layout
+from ..data.streaming_two_view_dataset import StreamCollator, StreamingTwoViewDataset
+from ..distributed import process_layout
 from ..errors import first_line
 from ..evaluation.labels import EvaluationDataError, check_labelled, open_labelled
 
@@ -32,6 +33,26 @@ from ..evaluation.labels import EvaluationDataError, check_labelled, open_labell
 # both views, and no blur keeps its few pixels of texture; the tuning runs chose them
 # (benchmarks/results/quality/tuning-4min.md).
 FASHION_MNIST_AUGMENTATION: dict = dict(strong_crop_scale=(0.5, 1.0), weak_crop_scale=(0.8, 1.0), blur_prob=0.0)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What a run reads and how: the values of the `macrl-pretrain` flags of the same names (`PretrainingArguments`
+    documents each), and the data-loading workers of each process, which the run's plan decides."""
+
+    data: str | None  # None: Fashion-MNIST
+    eval_data: str | None
+    eval_split: str | None
+    eval_images: int
+    hold_out: bool  # hold --data's own evaluation images out of training (`--knn`: the evaluation at the end)
+    seed: int
+    streaming: bool
+    shuffle_buffer: int
+    image_column: str | None
+    label_column: str | None
+    limit_images: int | None
+    skip_unreadable: bool
+    num_workers: int
 
 
 @dataclass
@@ -98,76 +119,78 @@ class PretrainingData:
         return images
 
 
-def build_augmentation(args, config: MACRLConfig) -> AugmentationConfig:
-    """The augmentations for `config`'s image size and channels: defaults, then `--augmentation`'s fields.
-
-    The embedded Fashion-MNIST default gets its own statistics and `FASHION_MNIST_AUGMENTATION`.
+def build_augmentation(config: MACRLConfig, data: str | None, changes: dict) -> AugmentationConfig:
+    """The augmentations for `config`'s image size and channels: defaults, then `changes` (`--augmentation`'s
+    fields). The embedded Fashion-MNIST default (`data` None) gets its own statistics and `FASHION_MNIST_AUGMENTATION`.
     """
-    fashion = args.data is None and config.num_channels == 1
+    fashion = data is None and config.num_channels == 1
     defaults = {**FASHION_MNIST_AUGMENTATION, "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD} if fashion else {}
     return AugmentationConfig(
         image_size=config.image_size,
         num_channels=config.num_channels,
-        **{**defaults, **args.augmentation_changes()},
+        **{**defaults, **changes},
     )
 
 
-def build_pretraining_data(args, config: MACRLConfig, augmentation: AugmentationConfig) -> PretrainingData:
+def build_pretraining_data(
+    options: DataOptions, config: MACRLConfig, augmentation: AugmentationConfig
+) -> PretrainingData:
     """Sources and the seeded two-view dataset for `config`'s image size and channels.
 
-    The kNN images are `args.eval_data`'s (`open_eval_data`), else the data's test split, else (with `args.knn`)
-    the seeded held-out split of `macrl.data.splits`, at most `args.eval_images` of them, which `macrl-eval` holds
-    out too. With `args.eval_data` nothing of `--data` is held out.
+    The kNN images are `options.eval_data`'s (`open_eval_data`), else the data's test split, else (with
+    `options.hold_out`) the seeded held-out split of `macrl.data.splits`, at most `options.eval_images` of them,
+    which `macrl-eval` holds out too. With `options.eval_data` nothing of `--data` is held out.
 
     Raises:
         DataError: `--data` or `--eval-data` cannot be opened (or `--eval-data` has no labels), or the images cannot
             be augmented in batches as asked.
     """
     mode = "L" if config.num_channels == 1 else "RGB"
-    if is_stream(args.data, args.streaming):
-        data = _build_streamed(args, config, augmentation, mode)
+    if is_stream(options.data, options.streaming):
+        data = _build_streamed(options, config, augmentation, mode)
     else:
-        data = _build_random_access(args, config, augmentation, mode)
-    if args.eval_data is None:
+        data = _build_random_access(options, config, augmentation, mode)
+    if options.eval_data is None:
         return data
-    memory, queries, splits = open_eval_data(args, mode)
+    memory, queries, splits = open_eval_data(options, mode)
     return dataclasses.replace(
         data, knn_train_source=memory, eval_source=queries, eval_split=splits.test_split,
-        eval_dataset_name=splits.dataset_type, eval_data=_recorded(args.eval_data),
+        eval_dataset_name=splits.dataset_type, eval_data=_recorded(options.eval_data),
     )
 
 
-def open_eval_data(args, mode: str) -> tuple[ImageSource, ImageSource, DataSplits]:
+def open_eval_data(options: DataOptions, mode: str) -> tuple[ImageSource, ImageSource, DataSplits]:
     """`--eval-data` opened as `macrl-eval --data` opens its data: (its training split, the kNN memory; its test
-    split or seeded held-out part, at most `args.eval_images`, the kNN queries; the `DataSplits`), in PIL `mode`.
+    split or seeded held-out part, at most `options.eval_images`, the kNN queries; the `DataSplits`), in PIL `mode`.
 
     The held-out part is `macrl-eval --seed S`'s (the same fraction and seed), so a released encoder's figure can
-    be reproduced there. The column flags and `args.eval_split` (`macrl-eval --test-split`) apply to it when it is a
+    be reproduced there. The column flags and `options.eval_split` (`macrl-eval --test-split`) apply to it when it is a
     `datasets` dataset.
 
     Raises:
         DataError: it cannot be opened or has no labels; the message starts with `--eval-data`.
     """
-    if is_stream(args.eval_data):
+    if is_stream(options.eval_data):
         raise DataError(
-            f"--eval-data {args.eval_data}: shards are a stream, without the random access an evaluation needs; give "
-            "a folder of class subfolders or a `datasets` dataset"
+            f"--eval-data {options.eval_data}: shards are a stream, without the random access an evaluation needs; "
+            "give a folder of class subfolders or a `datasets` dataset"
         )
     try:
         splits = open_labelled(
-            args.eval_data, mode, test_split=args.eval_split,
-            holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
-            image_column=args.image_column, label_column=args.label_column, skip_unreadable=args.skip_unreadable,
+            options.eval_data, mode, test_split=options.eval_split,
+            holdout_fraction=HOLDOUT_FRACTION, max_holdout=options.eval_images, seed=options.seed,
+            image_column=options.image_column, label_column=options.label_column,
+            skip_unreadable=options.skip_unreadable,
         )
-        memory, queries = splits.train, _at_most(splits.test, args.eval_images)
+        memory, queries = splits.train, _at_most(splits.test, options.eval_images)
         check_labelled(memory, queries)
     except DataError as error:  # its message starts with the data's name
         raise DataError(f"--eval-data {first_line(error)}") from error
     except EvaluationDataError as error:
-        raise DataError(f"--eval-data {args.eval_data}: {first_line(error)}") from error
-    if args.eval_split is not None and splits.test_split != args.eval_split:  # a folder: no splits to name
+        raise DataError(f"--eval-data {options.eval_data}: {first_line(error)}") from error
+    if options.eval_split is not None and splits.test_split != options.eval_split:  # a folder: no splits to name
         raise DataError(
-            f"--eval-split {args.eval_split}: --eval-data {args.eval_data} is a folder, which has no splits (its "
+            f"--eval-split {options.eval_split}: --eval-data {options.eval_data} is a folder, which has no splits (its "
             "seeded held-out part is the test set); drop --eval-split"
         )
     return memory, queries, splits
@@ -187,18 +210,21 @@ def _at_most(source: ImageSource | None, count: int) -> ImageSource | None:
     return SubsetSource(source, range(count), source.name)
 
 
-def _build_random_access(args, config: MACRLConfig, augmentation: AugmentationConfig, mode: str) -> PretrainingData:
+def _build_random_access(
+    options: DataOptions, config: MACRLConfig, augmentation: AugmentationConfig, mode: str
+) -> PretrainingData:
     """`build_pretraining_data` for data read with random access: a folder, a dataset, Fashion-MNIST."""
-    own_eval = args.eval_data is None  # with --eval-data, all of --data is trained on
+    own_eval = options.eval_data is None  # with --eval-data, all of --data is trained on
     splits = open_train_and_test(
-        args.data, mode, holdout_fraction=HOLDOUT_FRACTION, max_holdout=args.eval_images, seed=args.seed,
-        hold_out=args.knn and own_eval, image_column=args.image_column, label_column=args.label_column,
-        skip_unreadable=args.skip_unreadable,
+        options.data, mode, holdout_fraction=HOLDOUT_FRACTION, max_holdout=options.eval_images, seed=options.seed,
+        hold_out=options.hold_out and own_eval, image_column=options.image_column, label_column=options.label_column,
+        skip_unreadable=options.skip_unreadable,
     )
     train_source, eval_source = splits.train, splits.test if own_eval else None
-    if args.limit_images is not None:
-        train_source = SubsetSource(train_source, range(min(args.limit_images, len(train_source))), train_source.name)
-    eval_source = _at_most(eval_source, args.eval_images)
+    if options.limit_images is not None:
+        kept = range(min(options.limit_images, len(train_source)))
+        train_source = SubsetSource(train_source, kept, train_source.name)
+    eval_source = _at_most(eval_source, options.eval_images)
     batched = augmentation.batched
     if batched is None:
         batched = train_source.image_size is not None
@@ -208,7 +234,7 @@ def _build_random_access(args, config: MACRLConfig, augmentation: AugmentationCo
             '(--augmentation {"batched": true}); leave "batched" unset'
         )
     augmentation = dataclasses.replace(augmentation, batched=batched)  # results.json records what ran
-    train, collator = _two_views(train_source, augmentation, config, args.seed)
+    train, collator = _two_views(train_source, augmentation, config, options.seed)
     return PretrainingData(
         train, collator, train_source, eval_source, splits.test_split if own_eval else None, augmentation,
         splits.dataset_type, splits.skipped, len(train), knn_train_source=train_source,
@@ -224,28 +250,30 @@ def _two_views(source: ImageSource | None, augmentation: AugmentationConfig, con
     return TwoViewDataset(source, strong, weak, num_patches=config.num_patches, seed=seed), None
 
 
-def _build_streamed(args, config: MACRLConfig, augmentation: AugmentationConfig, mode: str) -> PretrainingData:
+def _build_streamed(
+    options: DataOptions, config: MACRLConfig, augmentation: AugmentationConfig, mode: str
+) -> PretrainingData:
     """`build_pretraining_data` for shards or a streaming dataset: no held-out images (no random access to hold
     them out by), per-image views unless `--augmentation {"batched": true}` says the images share one size."""
-    stream = open_stream(args.data, mode, image_column=args.image_column, label_column=args.label_column)
-    _, processes = reader_layout()
-    readers = processes * max(args.num_workers, 1)
+    stream = open_stream(options.data, mode, image_column=options.image_column, label_column=options.label_column)
+    processes = process_layout().processes
+    readers = processes * max(options.num_workers, 1)
     if len(stream.shards) < readers:
         raise DataError(
-            f"{args.data}: {len(stream.shards)} shards cannot be split across {processes} processes x "
-            f"{max(args.num_workers, 1)} workers (each reader needs a shard of its own): use more shards or fewer "
+            f"{options.data}: {len(stream.shards)} shards cannot be split across {processes} processes x "
+            f"{max(options.num_workers, 1)} workers (each reader needs a shard of its own): use more shards or fewer "
             "--num-workers"
         )
     batched = bool(augmentation.batched)
     augmentation = dataclasses.replace(augmentation, batched=batched)
-    views, inner = _two_views(None, augmentation, config, args.seed)
+    views, inner = _two_views(None, augmentation, config, options.seed)
     train = StreamingTwoViewDataset(
-        stream, views, mode, buffer_size=args.shuffle_buffer, skip_unreadable=args.skip_unreadable
+        stream, views, mode, buffer_size=options.shuffle_buffer, skip_unreadable=options.skip_unreadable
     )
     try:
-        count = stream.count_images(tolerate=args.skip_unreadable)
+        count = stream.count_images(tolerate=options.skip_unreadable)
     except ValueError as error:  # UnreadableShardError: a local shard that is not a tar
-        raise DataError(f"{args.data}: {error}") from error
+        raise DataError(f"{options.data}: {error}") from error
     train.images_per_epoch = count
     return PretrainingData(
         train, StreamCollator(inner), None, None, None, augmentation, stream.name, [], count

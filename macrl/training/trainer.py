@@ -1,15 +1,16 @@
-"""`Trainer` for MACRL pre-training, and the `TrainingArguments` a run gives it.
+"""`Trainer` for MACRL pre-training.
 
-What MACRL adds to the stock `transformers.Trainer`, through its public hooks only:
-- a `TrainingClock` (owned by the trainer) that the schedules follow: steps for a step-based run (the stock
-  cosine schedule, unchanged), the time budget for a `--max-minutes` run (a warm-up + cosine schedule of the
-  clock's progress, so it ends when the budget does);
-- the EMA update of the momentum branch after every optimiser step (`MomentumUpdateCallback`, owned by the
-  trainer, whose current coefficient goes into the logs);
+What MACRL adds to the stock `transformers.Trainer`, through its public hooks only (its callbacks are the run's
+`RunCallbacks`, in their one order):
+- a `TrainingClock` that the schedules follow: steps for a step-based run (the stock cosine schedule, unchanged),
+  the time budget for a `--max-minutes` run (a warm-up + cosine schedule of the clock's progress, so it ends when the
+  budget does), whose progress bar then shows the budget instead of the step cap;
+- the EMA update of the momentum branch after every optimiser step (`MomentumUpdateCallback`, whose current
+  coefficient goes into the logs);
 - the logs carry the loss of the global batch (averaged over processes), its reconstruction and contrastive parts,
   the EMA momentum, images/s and the kNN monitor (`KnnMonitor`, when given), and the last step is always logged;
-- checkpoints are staged and renamed into place whole (`AtomicCheckpoints`, owned by the trainer: the
-  `TrainingArguments.output_dir` is the staging folder `<checkpoint_dir>/.staging`);
+- checkpoints are staged and renamed into place whole (`AtomicCheckpoints`: the `TrainingArguments.output_dir` is
+  the staging folder `<checkpoint_dir>/.staging`);
 - resuming from a checkpoint with a missing or truncated file raises `CheckpointError`;
 - tokens get no weight decay (MAE's `no_weight_decay`);
 - a streamed dataset (`StreamingTwoViewDataset`: shards, a streaming `datasets` dataset) gets a plain DataLoader of
@@ -26,123 +27,37 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
-from ..devices import default_num_workers, has_fused_adamw, has_tf32
-from ..data.streaming_two_view_dataset import StreamingTwoViewDataset, StreamPositions
+from ..data.streaming_two_view_dataset import StreamingTwoViewDataset
+from .budget import warmup_cosine
+from .callbacks import DataPositionCallback, RunCallbacks
+from .checkpoints import CheckpointError, checkpoint_problem
 
-from ..presets import base_learning_rate
-from .arguments import PretrainingArguments
-from .budget import TrainingClock, warmup_cosine
-from .callbacks import DataPositionCallback, LogLastStepCallback, MomentumUpdateCallback
-from .checkpoints import STAGING_DIR, AtomicCheckpoints, CheckpointError, checkpoint_problem
-from .knn_monitor import KnnMonitor
-
-__all__ = ["MACRLPretrainer", "build_training_arguments", "world_size"]
-
-
-def world_size() -> int:
-    """Processes that train together (torchrun / accelerate set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def num_workers(args: PretrainingArguments, device: torch.device) -> int:
-    """`--num-workers`, or unset the device's default for each of the processes on this machine."""
-    if args.num_workers is not None:
-        return args.num_workers
-    return default_num_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def build_training_arguments(
-    args: PretrainingArguments, checkpoint_dir: Path, max_steps: int, config, device: torch.device,
-    streamed: bool = False,
-) -> TrainingArguments:
-    """The stock `TrainingArguments` of a run: MAE's optimiser settings, the lr rule `lr x batch / 256`, checkpoints
-    staged under `checkpoint_dir` (`AtomicCheckpoints` keeps `--save-total-limit` of them), and what the device
-    offers: on CUDA pinned host memory with non-blocking copies, TF32 matmuls (Ampere and newer), the fused AdamW,
-    data-loading workers for the GPU. A `streamed` run resumes its data from the checkpoint's data position, not by
-    the stock Trainer's skipping (`ignore_data_skip`)."""
-    per_device = args.batch_size // (world_size() * args.gradient_accumulation_steps)
-    accelerated = device.type != "cpu"
-    cuda = device.type == "cuda"
-    workers = num_workers(args, device)
-    # a zero-weight head gets no gradient, which DDP must be told about
-    unused_parameters = config.reconstruction_weight == 0 or config.contrastive_weight == 0
-    return TrainingArguments(
-        output_dir=str(checkpoint_dir / STAGING_DIR),
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        num_train_epochs=args.epochs,
-        max_steps=max_steps,
-        learning_rate=(args.lr if args.lr is not None else base_learning_rate(args.config)) * args.batch_size / 256,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        weight_decay=args.weight_decay,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        # one kernel for all parameters instead of a dozen per tensor (transformers' default only from torch 2.8)
-        optim="adamw_torch_fused" if has_fused_adamw(device) else "adamw_torch",
-        max_grad_norm=args.max_grad_norm,  # 0 disables clipping
-        seed=args.seed,
-        data_seed=args.seed,
-        logging_steps=args.logging_steps,
-        # the stock filter reads every step's loss on the host (`isnan(loss)`), a device sync per step; a NaN loss
-        # then shows as NaN in the log instead of being papered over with the mean of the previous ones
-        logging_nan_inf_filter=False,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=None,  # AtomicCheckpoints rotates the checkpoints it moved into place
-        dataloader_num_workers=workers,
-        # page-locked batches, copied while the GPU still runs the previous step
-        dataloader_pin_memory=cuda,
-        accelerator_config={"non_blocking": cuda},
-        dataloader_drop_last=True,  # BatchNorm and InfoNCE want full, equal batches on every process
-        dataloader_persistent_workers=workers > 0,
-        remove_unused_columns=False,
-        report_to=[tracker for tracker in args.trackers() if tracker != "tensorboard"] or "none",
-        # without use_cpu, accelerate treats several CPU processes as one and DDP never syncs them; with it False,
-        # accelerate takes the accelerator there is (cuda, else mps)
-        use_cpu=not accelerated,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        # fp32 matmuls (and what autocast leaves in fp32) on TF32 tensor cores; None leaves torch's setting alone,
-        # where True would raise on a device without them
-        tf32=True if has_tf32(device) else None,
-        torch_compile=args.compile,
-        ddp_find_unused_parameters=unused_parameters,
-        ddp_backend="gloo" if world_size() > 1 and not accelerated else None,
-        disable_tqdm=False,
-        log_level="warning",
-        ignore_data_skip=streamed,
-    )
+__all__ = ["MACRLPretrainer"]
 
 
 class MACRLPretrainer(Trainer):
     """`transformers.Trainer` with what MACRL pre-training adds to it (module docstring)."""
 
-    def __init__(self, model, args: TrainingArguments, *, global_batch_size: int, save_total_limit: int | None,
-                 max_minutes: float | None = None, bf16: bool = False, monitor: KnnMonitor | None = None,
-                 callbacks=None, **kwargs):
-        self.clock = TrainingClock(max_minutes, bf16)
-        self.momentum_update = MomentumUpdateCallback(self.clock)
-        self.monitor = monitor
-        checkpoints = AtomicCheckpoints(Path(args.output_dir).parent, save_total_limit)
-        # the clock first (it decides the stop), the monitor and the last-step log after it
-        self.stream_positions: StreamPositions | None = None
-        position = []
-        if isinstance(kwargs.get("train_dataset"), StreamingTwoViewDataset):
-            self.stream_positions = StreamPositions()
-            position = [DataPositionCallback(  # before AtomicCheckpoints: written before the move
-                self.stream_positions, args.process_index, kwargs["train_dataset"].images_per_epoch, global_batch_size
-            )]
-        own = [self.clock, self.momentum_update, *position, checkpoints, *([monitor] if monitor else []),
-               LogLastStepCallback()]
-        super().__init__(model, args, callbacks=[*own, *(callbacks or [])], **kwargs)
+    def __init__(self, model, args: TrainingArguments, *, run_callbacks: RunCallbacks, global_batch_size: int,
+                 **kwargs):
+        self.run_callbacks = run_callbacks
+        self.clock = run_callbacks.clock
+        self.momentum_update = run_callbacks.momentum_update
+        self.monitor = run_callbacks.monitor
+        self.stream_positions = run_callbacks.stream_positions
+        if isinstance(kwargs.get("train_dataset"), StreamingTwoViewDataset) and self.stream_positions is None:
+            raise ValueError("a streamed dataset keeps its data position in every checkpoint: give RunCallbacks a "
+                             "data_position")
+        super().__init__(model, args, callbacks=run_callbacks.in_order(), **kwargs)
+        if run_callbacks.progress_bar is not None and self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(run_callbacks.progress_bar)  # a budget run's bar, in place of the stock one
         # The model's loss is a mean over its micro-batch, never normalised by `num_items_in_batch`; the Trainer, which
         # takes a forward with **kwargs for one that is, would then skip dividing it by the gradient accumulation
         # steps as soon as a batch held "labels" (a gradient that many times too large).
