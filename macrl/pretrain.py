@@ -12,6 +12,7 @@ Every flag is a field of `macrl.training.PretrainingArguments`; the run is `macr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -35,13 +36,21 @@ class _Parser(OneLineErrors, HfArgumentParser):
 
 def build_parser() -> HfArgumentParser:
     """`HfArgumentParser` of `PretrainingArguments`, with one-line usage errors."""
-    return _Parser(
+    parser = _Parser(
         PretrainingArguments,
         prog=PROG,
         description="Pre-train a MACRL encoder (masked reconstruction + MoCo v3 contrast) and export it.",
         epilog=f"{EXIT_STATUS_HELP} 75: stopped by one of --stop-signals after writing the checkpoint of its step. "
         "The checkpoints written so far are kept: continue with --resume.",
     )
+    # HfArgumentParser gives every list field nargs="+"; a field that asks for "*" (--label-fractions,
+    # --stop-signals) takes no value for an empty list
+    empty_allowed = {field.name for field in dataclasses.fields(PretrainingArguments)
+                     if field.metadata.get("nargs") == "*"}
+    for action in parser._actions:
+        if action.dest in empty_allowed:
+            action.nargs = "*"
+    return parser
 
 
 def _parse(parser: HfArgumentParser, argv: Sequence[str] | None) -> PretrainingArguments:

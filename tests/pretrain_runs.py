@@ -41,11 +41,13 @@ def printed_command(stderr: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
 
 
-def launch(command: list, out: Path) -> subprocess.Popen:
-    """Start `command` (a run writing into `out`), appending its stderr to `out/stderr.txt`."""
+def launch(command: list, out: Path, **popen) -> subprocess.Popen:
+    """Start `command` (a run writing into `out`; `popen`: more `subprocess.Popen` arguments), appending its stderr
+    to `out/stderr.txt`."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "stderr.txt", "ab") as stderr:
-        return subprocess.Popen([str(part) for part in command], env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+        return subprocess.Popen([str(part) for part in command], env=popen.pop("env", ENV), stdout=subprocess.DEVNULL,
+                                stderr=stderr, **popen)
 
 
 def finish(process: subprocess.Popen, out: Path) -> None:

@@ -26,7 +26,7 @@ from macrl.training.budget import TrainingClock
 from macrl.training.checkpoints import STAGING_DIR, checkpoint_problem
 from macrl.training.stop_signals import StopSignals, parse_signals
 from tests.pretrain_runs import (
-    TIMEOUT, finish, launch, logged_steps, poll, printed_command, run_command, same_weights_and_log,
+    ENV, RUN_ARGS, TIMEOUT, finish, launch, logged_steps, poll, printed_command, run_command, same_weights_and_log,
 )
 
 STEPS = 16
@@ -88,6 +88,18 @@ def test_a_second_signal_stops_at_once(tmp_path):
     assert "stopped by" not in _stderr(out)
     for folder in (out / "checkpoints").glob("checkpoint-*"):  # whatever it left: only complete checkpoints
         assert checkpoint_problem(folder) is None
+
+
+def test_a_signal_to_every_process_of_the_run_stops_it_the_same_way(tmp_path):
+    """SIGTERM to the run's whole process group (as Ctrl-C, SLURM's --signal without B: and `kill -- -PGID` send
+    it): its DataLoader worker ignores it (torch's own handler would die of it and fail the run), the run stops."""
+    out = tmp_path / "run"
+    process = launch(run_command(out, 200, "--num-workers", "1"), out, start_new_session=True)
+    _signal_after_step(process, out, 5, target=lambda: -process.pid)  # kill(-pgid): every process of the group
+    assert process.wait(timeout=TIMEOUT) == EXIT_STOPPED, _stderr(out)[-3000:]
+    step = logged_steps(out)
+    assert _stop_line(out).startswith(f"macrl-pretrain: stopped by SIGTERM after step {step}; ")
+    assert checkpoint_problem(out / "checkpoints" / f"checkpoint-{step}") is None
 
 
 def test_stop_signals_note_the_first_and_give_the_second_to_the_previous_handler():
@@ -216,3 +228,44 @@ def test_stop_signals_flag():
     (usr2,) = build_parser().parse_args_into_dataclasses(args=["--stop-signals", "SIGUSR2", "TERM"])
     assert parse_signals(default.stop_signals) == (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     assert none.stop_signals == [] and parse_signals(usr2.stop_signals) == (signal.SIGUSR2, signal.SIGTERM)
+
+
+def _slurm_recipe() -> str:
+    """The bash of docs/reliability.md's SLURM recipe."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    return text.split("<!-- slurm-recipe -->\n```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_slurm_recipe_stops_requeues_and_resumes(tmp_path):
+    """The recipe's bash, run as SLURM would run it (no SLURM here: one process instead of torchrun, a stand-in
+    `scontrol` that notes its arguments): SIGUSR1 to the script stops the run with a checkpoint and requeues the
+    job; the requeued job continues the run to its end."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    flags = " ".join(RUN_ARGS + ["--max-steps", "30"])
+    script = tmp_path / "job.sbatch"
+    recipe = _slurm_recipe()
+    lines = recipe.splitlines()
+    lines = [f"LAUNCH=({sys.executable} -m macrl.pretrain)" if line.startswith("LAUNCH=") else
+             f'FLAGS=({flags} --output-dir "$OUT")' if line.startswith("FLAGS=") else line for line in lines]
+    assert lines != recipe.splitlines()
+    script.write_text("\n".join(lines) + "\n")
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    out = tmp_path / "runs" / "vit-b"
+
+    job = launch(["bash", script], out, env=env, cwd=tmp_path)
+    log = out / "logs" / "train_log.jsonl"
+    assert poll(job, lambda: log.is_file() and logged_steps(out) >= 5) is not None, _stderr(out)[-3000:]
+    job.send_signal(signal.SIGUSR1)
+    assert job.wait(timeout=TIMEOUT) == EXIT_STOPPED, _stderr(out)[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
+    step = logged_steps(out)
+    assert checkpoint_problem(out / "checkpoints" / f"checkpoint-{step}") is None
+
+    requeued = launch(["bash", script], out, env=env, cwd=tmp_path)
+    assert requeued.wait(timeout=TIMEOUT) == 0, _stderr(out)[-3000:]
+    assert json.loads((out / "results.json").read_text())["steps"] == 30
+    assert "resuming" in _stderr(out) and (tmp_path / "scontrol.log").read_text() == "requeue 42\n"

@@ -8,16 +8,19 @@ checkpoint as every other, and the step's log line). With several processes the 
 or each at another step: every step, the processes take the largest signal number any of them noted
 (an all-reduce of one number over the host group, as the clock's), so all of them stop after the same step and its
 checkpoint is whole. A second signal to a process stops it at once, the way it would have stopped without these
-handlers (SIGINT: `KeyboardInterrupt`; SIGTERM, SIGUSR1: killed by the signal).
+handlers (SIGINT: `KeyboardInterrupt`; SIGTERM, SIGUSR1: killed by the signal). The workers that load the training
+data ignore the signals (`worker_init_fn`): one sent to every process of the run (Ctrl-C, SLURM's) is the training
+process's to act on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -102,6 +105,12 @@ class StopSignals(TrainerCallback):
         self._restore()  # a second signal: stop at once, as the previous handler does
         signal.raise_signal(number)
 
+    def worker_init_fn(self, init_fn: Callable[[int], None] | None = None) -> Callable[[int], None]:
+        """A DataLoader `worker_init_fn` that makes the worker ignore these signals, then calls `init_fn`: a signal
+        sent to every process of the run (Ctrl-C, SLURM's, `kill -- -PGID`) would otherwise kill the workers (torch
+        gives them its own SIGTERM handler, which dies) before the training process finishes its step."""
+        return functools.partial(_ignore_in_worker, self.signals, init_fn)
+
     def on_train_begin(self, args, state, control, **kwargs):
         if is_distributed():
             self._group = host_group()
@@ -129,3 +138,12 @@ class StopSignals(TrainerCallback):
         # and export at the end are left to the resumed run, as after a stop mid-run
         if self.stopped_by is None:
             self._agree(state)
+
+
+def _ignore_in_worker(
+    signals: tuple[signal.Signals, ...], init_fn: Callable[[int], None] | None, worker_id: int
+) -> None:
+    for chosen in signals:
+        signal.signal(chosen, signal.SIG_IGN)
+    if init_fn is not None:
+        init_fn(worker_id)

@@ -119,17 +119,25 @@ class MACRLPretrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         if self.stream_positions is None:
-            return super().get_train_dataloader()
-        workers = self.args.dataloader_num_workers
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self._train_batch_size,
-            collate_fn=self.data_collator,
-            num_workers=workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers,
-            prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
-        )
+            loader = super().get_train_dataloader()
+        else:
+            workers = self.args.dataloader_num_workers
+            loader = DataLoader(
+                self.train_dataset,
+                batch_size=self._train_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=workers,
+                pin_memory=self.args.dataloader_pin_memory,
+                persistent_workers=self.args.dataloader_persistent_workers,
+                prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
+            )
+        # accelerate's loaders iterate a DataLoader of their own (`base_dataloader`): its workers are the ones to set
+        workers = getattr(loader, "base_dataloader", loader)
+        if self.run_callbacks.stop_signals is not None and workers.num_workers > 0:
+            # a stop signal sent to every process (Ctrl-C, SLURM, kill -- -PGID) is this process's to act on: the
+            # workers that feed it must outlive it until the step's end
+            workers.worker_init_fn = self.run_callbacks.stop_signals.worker_init_fn(workers.worker_init_fn)
+        return loader
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.clock.budget_seconds is None or self.lr_scheduler is not None:
