@@ -35,6 +35,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+if not __package__:  # run as a file from a checkout, `python conversion/convert_macrl_to_onnx.py` (as_file.py)
+    import as_file
+
+    __package__ = as_file.PACKAGE
+
 from .common import (
     ConversionParser,
     OutputMismatchError,
