@@ -2,11 +2,15 @@
 `macrl-convert`).
 
 Exit codes: 0 done; 1 a known failure while working (`MACRLError`: an unreadable image, a refused Hub push, a
-conversion whose outputs disagree); 2 a usage problem (`InputError`: a bad flag, a missing model or data folder, a
-config that does not validate, an unavailable device); 130 interrupted. Every known error is one line on stderr,
-`macrl-NAME: error: <the first line of its message>`, never a traceback (an error raised in a DataLoader worker
-included); warnings logged by the library (the `macrl` logger) appear as `macrl-NAME: warning: ...`. Anything else
-is a bug and keeps its traceback. Library code raises and logs; only this module prints errors and exits.
+conversion whose outputs disagree, a failed write such as a full disk: `OutputWriteError`); 2 a usage problem
+(`InputError`: a bad flag, a missing model or data folder, a config that does not validate, an unavailable device);
+75 stopped on request (`RunStopped`: `macrl-pretrain` got a stop signal, finished its step and wrote its checkpoint;
+sysexits' EX_TEMPFAIL, "try again later", which `--resume` does); 130 interrupted. Every known error is one line on
+stderr, `macrl-NAME: error: <the first line of its message>`, never a traceback (an error raised in a DataLoader
+worker included), and a stop is one line `macrl-NAME: stopped by SIGTERM after step N; ...`; where the error leaves a
+checkpoint to continue from (`resume_from`), the line ends with the command that continues it. Warnings logged by
+the library (the `macrl` logger) appear as `macrl-NAME: warning: ...`. Anything else is a bug and keeps its
+traceback. Library code raises and logs; only this module prints errors and exits.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from .data import UnreadableImageError
-from .errors import InputError, MACRLError, first_line
+from .errors import InputError, MACRLError, RunStopped, first_line
 
 __all__ = [
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_STATUS_HELP",
+    "EXIT_STOPPED",
     "EXIT_USAGE",
     "OneLineErrorParser",
     "OneLineErrors",
@@ -39,7 +44,7 @@ __all__ = [
     "run_command",
 ]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 EXIT_STATUS_HELP = (
     "Exit status: 0 done, 1 a failure while working (an image that cannot be decoded, see --skip-unreadable; a "
     "refused Hub push), 2 a usage error, 130 interrupted."
@@ -176,12 +181,16 @@ def run_command(
     argv: Sequence[str] | None,
     interrupted: str = "interrupted",
     parse: Callable[[argparse.ArgumentParser, Sequence[str] | None], object] | None = None,
+    resume: str | None = None,
 ) -> int:
     """Parse `argv` with `parser` (or `parse(parser, argv)`), call `run` on the result, and turn the errors into an
-    exit code and one line (module docstring)."""
+    exit code and one line (module docstring); `resume` is the command line that continues the work from an error's
+    `resume_from` checkpoint."""
 
-    def fail(message: str, code: int) -> int:
+    def fail(message: str, code: int, error: BaseException | None = None) -> int:
         _close_progress_bars()
+        if resume is not None and getattr(error, "resume_from", None) is not None:
+            message += f"; continue with: {resume}"
         print(f"{prog}: {message}", file=sys.stderr)
         return code
 
@@ -198,8 +207,10 @@ def run_command(
             return fail(f"error: {first_line(error)}", EXIT_USAGE)
         except UnreadableImageError as error:
             return fail(f"error: {first_line(error)} (pass --skip-unreadable to skip such files)", EXIT_FAILED)
+        except RunStopped as stopped:
+            return fail(first_line(stopped), EXIT_STOPPED, stopped)
         except MACRLError as error:
-            return fail(f"error: {first_line(error)}", EXIT_FAILED)
+            return fail(f"error: {first_line(error)}", EXIT_FAILED, error)
         except KeyboardInterrupt:
             return fail(interrupted, EXIT_INTERRUPTED)
     return EXIT_OK

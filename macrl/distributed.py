@@ -1,5 +1,6 @@
-"""Processes that train together: how many there are and where this one stands (`process_layout`), and the
-cross-process pieces of the contrastive head: gathering keys, and BatchNorm over the global batch."""
+"""Processes that train together: how many there are and where this one stands (`process_layout`), the group they
+agree on host numbers in (`host_group`), and the cross-process pieces of the contrastive head: gathering keys, and
+BatchNorm over the global batch."""
 
 import os
 from dataclasses import dataclass
@@ -32,6 +33,22 @@ def process_layout() -> ProcessLayout:
 def is_distributed() -> bool:
     """Whether a process group of several processes is running now (collectives would reach the others)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+_host_groups: dict = {}  # the default group's id -> (that group, its gloo twin): one twin per default group
+
+
+def host_group():
+    """A group of every process whose collectives run on host (CPU) tensors, for the few numbers the processes agree
+    on every step (the clock's time, a stop signal) without a device synchronisation: the default group where it is
+    gloo's already, else a gloo group made once (a collective: every process calls this, in the same order). Only
+    with `is_distributed()`."""
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    world = dist.group.WORLD
+    if id(world) not in _host_groups:  # the group is kept with its twin, so its id is never another's
+        _host_groups[id(world)] = (world, dist.new_group(backend="gloo"))
+    return _host_groups[id(world)][1]
 
 
 @torch.no_grad()

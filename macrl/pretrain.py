@@ -4,13 +4,19 @@
     macrl-pretrain --data ~/images --config vit-small-patch16-224 --epochs 100 --push-to-hub me/macrl-vit-s
     torchrun --nproc_per_node 2 -m macrl.pretrain --max-steps 1000   # several processes (or accelerate launch)
 
+On SIGTERM, SIGINT or SIGUSR1 (`--stop-signals`) a run writes the checkpoint of the step it is in and exits 75 with
+the command that continues it.
+
 Every flag is a field of `macrl.training.PretrainingArguments`; the run is `macrl.training.run_pretraining`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -19,7 +25,7 @@ from .command_line import EXIT_STATUS_HELP, OneLineErrors, run_command
 from .training.arguments import PretrainingArguments
 from .training.run import run_pretraining
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "resume_command"]
 
 PROG = "macrl-pretrain"
 
@@ -30,12 +36,21 @@ class _Parser(OneLineErrors, HfArgumentParser):
 
 def build_parser() -> HfArgumentParser:
     """`HfArgumentParser` of `PretrainingArguments`, with one-line usage errors."""
-    return _Parser(
+    parser = _Parser(
         PretrainingArguments,
         prog=PROG,
         description="Pre-train a MACRL encoder (masked reconstruction + MoCo v3 contrast) and export it.",
-        epilog=f"{EXIT_STATUS_HELP} The checkpoints written so far are kept: continue with --resume.",
+        epilog=f"{EXIT_STATUS_HELP} 75: stopped by one of --stop-signals after writing the checkpoint of its step. "
+        "The checkpoints written so far are kept: continue with --resume.",
     )
+    # HfArgumentParser gives every list field nargs="+"; a field that asks for "*" (--label-fractions,
+    # --stop-signals) takes no value for an empty list
+    empty_allowed = {field.name for field in dataclasses.fields(PretrainingArguments)
+                     if field.metadata.get("nargs") == "*"}
+    for action in parser._actions:
+        if action.dest in empty_allowed:
+            action.nargs = "*"
+    return parser
 
 
 def _parse(parser: HfArgumentParser, argv: Sequence[str] | None) -> PretrainingArguments:
@@ -72,6 +87,12 @@ def format_report(results: dict) -> str:
     images = f"{results['knn_test_images']} {results['eval_split']} images"  # "10000 test images"
     if "eval_data" in results:
         images += f" of {results['eval_data']}"
+    if "knn_train_images" in results:  # the kNN memory and probe training set, and whether it was capped
+        memory = f"{results['knn_train_images']} training images"
+        if "knn_train_images_available" in results:
+            memory = (f"a seeded {results['knn_train_images']} of {results['knn_train_images_available']} training "
+                      "images (--eval-train-images)")
+        images += f" (kNN memory and probe training set: {memory})"
     rows = report_rows(results)
     with_floor = any(pixels is not None for _, _, pixels in rows)
     lines = [f"the encoder on {images}" + (", beside the same probe on their raw pixels (the floor):" if with_floor
@@ -105,11 +126,39 @@ def run(args: PretrainingArguments) -> dict:
     return results
 
 
+def resume_command(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> str:
+    """The command line that continues a run started with `argv`: the same flags with `--resume` (the newest
+    checkpoint) in place of any `--resume` given, under `torchrun` with as many processes where a launcher started
+    several (`environ`: its WORLD_SIZE, LOCAL_WORLD_SIZE)."""
+    kept, argv = [], list(argv)
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if token == "--resume":
+            if index < len(argv) and not argv[index].startswith("-"):
+                index += 1  # its checkpoint
+            continue
+        if not token.startswith("--resume="):
+            kept.append(token)
+    world, local = int(environ.get("WORLD_SIZE", "1")), int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world <= 1:
+        launcher = PROG
+    elif world == local:
+        launcher = f"torchrun --standalone --nproc-per-node {local} -m macrl.pretrain"
+    else:
+        launcher = (f"torchrun --nnodes {world // max(local, 1)} --nproc-per-node {local} <your rendezvous flags> "
+                    "-m macrl.pretrain")
+    return " ".join([launcher, shlex.join([*kept, "--resume"])])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `macrl-pretrain`; the exit codes of `macrl.command_line`."""
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     return run_command(
         PROG, build_parser(), run, argv, parse=_parse,
         interrupted="interrupted; the checkpoints so far are kept (continue with --resume)",
+        resume=resume_command(argv),
     )
 
 

@@ -2,6 +2,7 @@
 dataset-fashion-mnist) and a Hub server on loopback. What tests/ holds: tests/__init__.py."""
 
 import os
+import subprocess
 import tempfile
 
 # Tests only talk to Hub servers on loopback, and must not wait for an interactive trust_remote_code prompt
@@ -47,6 +48,25 @@ def fashion_images():
     images, labels = load_fashion_mnist("train")
     pixels = images[:64].float().div(255).sub(0.5).div(0.5).unsqueeze(1)
     return pixels, labels[:64]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+    """`uninterrupted_run(steps)`: the output folder of a `tests.pretrain_runs.run_command` run of `steps` steps never
+    interrupted (made once per session and length), which killed, stopped and resumed runs must end like."""
+    from tests.pretrain_runs import ENV, run_command
+
+    made = {}
+
+    def make(steps: int):
+        if steps not in made:
+            out = tmp_path_factory.mktemp(f"uninterrupted_{steps}")
+            done = subprocess.run(run_command(out, steps), env=ENV, capture_output=True, text=True, timeout=1200)
+            assert done.returncode == 0, done.stderr[-3000:]
+            made[steps] = out
+        return made[steps]
+
+    return make
 
 
 # real Hub servers on loopback: the upload-capable test server (`hub_server`), for every test

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # docs/architecture.md's layers, top (1) to bottom (5); a module may import only its own layer or the ones above
 LAYERS = {
     1: ["errors", "configuration_macrl", "modeling_macrl", "modeling_macrl_backbone", "image_processing_macrl",
-        "contrastive_loss", "distributed", "timm_layout", "precision", "devices", "atomic_files", "presets",
-        "openmp_waiting"],
+        "contrastive_loss", "distributed", "timm_layout", "precision", "devices", "atomic_files", "write_failures",
+        "presets", "openmp_waiting"],
     2: ["data"],
     3: ["loading", "feature_extraction", "feature_files", "hub", "model_card", "model_cards", "visualization"],
     4: ["evaluation", "training"],

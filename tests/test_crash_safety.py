@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,23 +24,16 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from macrl.pretrain import main
 from macrl.training.checkpoints import STAGING_DIR, AtomicCheckpoints, CheckpointError, checkpoint_problem
 from macrl.training.trainer import MACRLPretrainer
-from tests.pretrain_runs import finish, kill, launch, logged_losses, logged_steps, poll
-
-ARGS = [
-    "--config", "tiny", "--batch-size", "16", "--num-workers", "0", "--logging-steps", "1", "--save-steps", "4",
-    "--limit-images", "48", "--no-knn", "--seed", "3",
-]
-
-
-def _command(out: Path, steps: int, *extra) -> list[str]:
-    return [sys.executable, "-m", "macrl.pretrain", *ARGS, "--max-steps", str(steps), "--output-dir", str(out), *extra]
+from tests.pretrain_runs import (
+    RUN_ARGS, finish, kill, launch, logged_steps, poll, run_command, same_weights_and_log,
+)
 
 
 def _launch(out: Path, steps: int) -> subprocess.Popen:
     """Start a run; `--resume` as soon as the output folder holds a checkpoint (`--resume` refuses an empty one)."""
     checkpoints = out / "checkpoints"
     resume = ["--resume"] if checkpoints.is_dir() and get_last_checkpoint(checkpoints) else []
-    return launch(_command(out, steps, *resume), out)
+    return launch(run_command(out, steps, *resume), out)
 
 
 def _staging_entries(out: Path) -> dict[str, tuple[int, int]]:
@@ -125,9 +117,7 @@ def _resume_to_end(out: Path, steps: int) -> None:
 
 def _assert_same_run(out: Path, reference: Path) -> None:
     """Bit-identical weights, the same log, the same checkpoints in place and nothing left in staging."""
-    assert (out / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
-    assert (out / "encoder" / "model.safetensors").read_bytes() == (reference / "encoder" / "model.safetensors").read_bytes()
-    assert logged_losses(out) == logged_losses(reference)  # every step once, with the loss of the uninterrupted run
+    same_weights_and_log(out, reference)  # every step logged once, with the loss of the uninterrupted run
     names = lambda run: {p.name for p in (run / "checkpoints").glob("checkpoint-*")}
     # a kill between the rename of checkpoint-N and the rotation leaves one older checkpoint more (complete: every
     # visible one is), which the next save rotates away
@@ -146,22 +136,10 @@ def _assert_staging_clean(out: Path) -> None:
     assert not staging.exists() or not list(staging.iterdir())
 
 
-_references: dict[int, Path] = {}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run of `steps` steps (made once per module and length)."""
-
-    def make(steps: int) -> Path:
-        if steps not in _references:
-            out = tmp_path_factory.mktemp(f"reference_{steps}")
-            _resume_to_end(out, steps)
-            _references[steps] = out
-        return _references[steps]
-
-    yield make
-    _references.clear()
+@pytest.fixture
+def reference(uninterrupted_run):
+    """`reference(steps)`: the uninterrupted run of `steps` steps (conftest's `uninterrupted_run`)."""
+    return uninterrupted_run
 
 
 def test_kill_9_mid_step_and_mid_checkpoint_write_then_resume_is_bit_identical(tmp_path, reference):
@@ -252,7 +230,7 @@ def test_partial_checkpoints_in_staging_are_never_resumed_from(tmp_path, referen
     _assert_staging_clean(out)
 
 
-FAST_IN_PROCESS = [*ARGS, "--max-steps", "12"]
+FAST_IN_PROCESS = [*RUN_ARGS, "--max-steps", "12"]
 
 
 def _file_state(root: Path) -> dict[str, tuple[int, int]]:
@@ -346,7 +324,7 @@ def test_checkpoint_files_are_on_disk_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "run"
-    assert main([*ARGS, "--max-steps", "4", "--save-steps", "2", "--output-dir", str(out)]) == 0
+    assert main([*RUN_ARGS, "--max-steps", "4", "--save-steps", "2", "--output-dir", str(out)]) == 0
     checked = 0
     for source, target, synced_before in renames:
         if Path(target).parent == (out / "checkpoints").resolve() and Path(target).name.startswith("checkpoint-"):

@@ -42,7 +42,9 @@ def test_smoke_default_data_writes_every_output(tmp_path, capsys):
     assert results["eval_split"] == "test" and "eval_data" not in results  # Fashion-MNIST's own test split
     assert 0 <= results["linear_probe_accuracy"] <= 100
     assert format_report(results) in printed
-    assert "the encoder on 40 test images, beside the same probe on their raw pixels (the floor):" in printed
+    assert ("the encoder on 40 test images (kNN memory and probe training set: 64 training images), beside the same "
+            "probe on their raw pixels (the floor):") in printed
+    assert results["knn_train_images"] == 64 and results["eval_train_images"] == 60000
     all_labels = printed.split("kNN (k=20), all labels")[1].split()[:2]
     assert all_labels == [f"{results['knn_accuracy']:.2f}%", f"{results['raw_pixels_knn_accuracy']:.2f}%"]
     assert str(out / "encoder") in printed
@@ -77,6 +79,32 @@ def test_image_folder_data_and_held_out_classes(tmp_path, image_folder):
     assert _run(*FAST, "--data", image_folder, "--output-dir", out, "--max-steps", "2", "--eval-images", "6") == 0
     results = json.loads((out / "results.json").read_text())
     assert results["knn_test_images"] == 6 and results["knn_train_images"] == 58
+
+
+def test_eval_train_images_caps_the_knn_memory(tmp_path, capsys):
+    """`--eval-train-images N`: the evaluation at the end takes a seeded N of the training images as its kNN memory
+    and probe training set (as `macrl-eval --limit-train N` does), and says so in results.json and its report."""
+    out = tmp_path / "run"
+    assert _run(*FAST, "--output-dir", out, "--max-steps", "2", "--limit-images", "48", "--eval-train-images", "20",
+                "--label-fractions", "--no-raw-pixel-floor") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["knn_train_images"] == 20 and results["knn_train_images_available"] == 48
+    assert results["eval_train_images"] == 20
+    assert ("the encoder on 40 test images (kNN memory and probe training set: a seeded 20 of 48 training images "
+            "(--eval-train-images)):") in capsys.readouterr().out
+
+
+def test_the_default_knn_memory_is_all_of_fashion_mnist():
+    """The default cap (60,000) takes every training image of the main job: its kNN memory, and so its figures, are
+    the ones before the cap."""
+    from macrl.data import limit_source
+    from macrl.training import PretrainingArguments
+    from macrl.training.data import build_pretraining_data
+
+    args = PretrainingArguments()
+    plan = plan_run(args)
+    memory, _ = build_pretraining_data(plan.data, plan.config, plan.augmentation).labelled_evaluation()
+    assert len(memory) == 60000 and limit_source(memory, args.eval_train_images, args.seed) is memory
 
 
 def test_augmentation_flag_changes_the_views(tmp_path):
@@ -121,6 +149,9 @@ def test_resume_continues_exactly(tmp_path):
         (["--augmentation", '{"blur_prob": 2}'], "--augmentation: blur_prob must be in [0, 1], got 2"),
         (["--augmentation", "[0.5, 1]"], "--augmentation: must be a JSON object"),
         (["--fp16", "--bf16"], "--fp16 and --bf16 ask for two precisions"),
+        (["--stop-signals", "SIGTERM", "SIGNOPE"], "--stop-signals: 'SIGNOPE' is not a signal"),
+        (["--stop-signals", "KILL"], "--stop-signals: SIGKILL cannot be caught"),
+        (["--eval-train-images", "-1"], "--eval-train-images must be >= 0 (0: all), got -1"),
         (["--batch-size", "15"], None),  # fine on one process: a negative control
     ],
 )

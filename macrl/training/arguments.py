@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..data.augmentations import AugmentationConfig
 from ..devices import DEVICE_CHOICES
+from .stop_signals import DEFAULT_STOP_SIGNALS
 
 
 def _flag(default, help: str, **kwargs):
@@ -75,6 +76,14 @@ class PretrainingArguments:
     )
     save_steps: int = _flag(500, "Write a checkpoint every this many steps (and always at the end).")
     save_total_limit: int = _flag(2, "Keep only the newest this many checkpoints.")
+    stop_signals: list[str] = field(
+        default_factory=lambda: list(DEFAULT_STOP_SIGNALS),
+        metadata={"help": "On any of these signals (a cluster's preemption or time limit, kill, Ctrl-C) the run "
+                  "finishes the step it is in, writes its checkpoint and log line, says how to resume and exits with "
+                  "status 75; a second signal stops it at once. With several processes they all stop after the same "
+                  "step. --stop-signals with no value: none (each signal does what it does by default).",
+                  "nargs": "*"},
+    )
     logging_steps: int = _flag(20, "Log (terminal, JSONL) every this many steps.")
     push_to_hub: str | None = _flag(None, "Hub repo id (org/name) to upload encoder/ to at the end.")
     private: bool = _flag(False, "Create the Hub repo as private.", aliases=["--hub-private", "--hub_private"])
@@ -136,6 +145,12 @@ class PretrainingArguments:
     )
     eval_images: int = _flag(
         10000, "At most this many held-out (or --eval-data test) images for the kNN evaluation and pictures."
+    )
+    eval_train_images: int = _flag(
+        60000,
+        "At most this many training images (a seeded random subset, as macrl-eval --limit-train takes them) are the "
+        "kNN memory and probe training set of the evaluation at the end, read on the first process; 0 for all. The "
+        "default takes all of Fashion-MNIST's 60,000 and bounds an ImageNet-sized set (1.28M decodes).",
     )
     knn_every: int = _flag(
         0,

@@ -18,7 +18,7 @@ from transformers.trainer_callback import ExportableState, ProgressCallback
 from tqdm.auto import tqdm
 
 from ..devices import has_fused_adamw
-from ..distributed import is_distributed
+from ..distributed import host_group, is_distributed
 from ..modeling_macrl import MACRLForPreTraining
 
 __all__ = [
@@ -165,8 +165,8 @@ class TrainingClock(TrainerCallback, ExportableState):
         saved = self.saved_in(state)
         if state.global_step > 0 and saved is not None:  # resumed: the time spent before counts
             self.spent_before = saved.spent_seconds
-        if is_distributed() and dist.get_backend() != "gloo":
-            self._group = dist.new_group(backend="gloo")  # every rank takes part, once
+        if is_distributed():
+            self._group = host_group()
         self.started = time.monotonic()
         self.progress = self._progress_at(state.global_step, state.max_steps)
 

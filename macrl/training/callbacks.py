@@ -17,9 +17,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data import TwoViewDataset
 from ..data.streaming_two_view_dataset import StreamPositions
 from ..errors import first_line
+from ..write_failures import writing
 from .budget import BudgetProgressCallback, TrainingClock
 from .checkpoints import AtomicCheckpoints
 from .knn_monitor import KnnMonitor
+from .stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +99,17 @@ class JsonlLogCallback(TrainerCallback):
                 continue
         if kept != lines:
             partial = self.path.with_name(self.path.name + ".partial")
-            partial.write_text("".join(kept))
-            os.replace(partial, self.path)  # a kill during the rewrite leaves the old log, never half of it
+            with writing("the training log", self.path):
+                partial.write_text("".join(kept))
+                os.replace(partial, self.path)  # a kill during the rewrite leaves the old log, never half of it
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as file:
-            file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+        with writing("the training log", self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as file:
+                file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
 class FirstStepTimer(TrainerCallback):
@@ -161,6 +165,7 @@ class RunCallbacks:
 
     clock: TrainingClock
     checkpoints: AtomicCheckpoints
+    stop_signals: StopSignals | None = None
     log: JsonlLogCallback | None = None
     data_epoch: DataEpochCallback | None = None  # random-access data: a stream counts its own epochs
     data_position: DataPositionCallback | None = None  # a stream
@@ -182,11 +187,11 @@ class RunCallbacks:
         return None if self.data_position is None else self.data_position.positions
 
     def in_order(self) -> list[TrainerCallback]:
-        # The clock first (it decides the stop) and the EMA right after it; a stream's data position before
-        # AtomicCheckpoints (written into the checkpoint before it is moved into place); the monitor and the
-        # last-step log after the clock's stop, so the last step is measured and logged.
+        # The clock first and the stop signals next (they decide the stop) and the EMA right after them; a stream's
+        # data position before AtomicCheckpoints (written into the checkpoint before it is moved into place); the
+        # monitor and the last-step log after the stop, so the last step is measured and logged.
         ordered = [
-            self.clock, self.momentum_update, self.data_position, self.checkpoints, self.monitor,
+            self.clock, self.stop_signals, self.momentum_update, self.data_position, self.checkpoints, self.monitor,
             LogLastStepCallback(), self.data_epoch, self.log, self.first_step, self.tensorboard, self.push, *self.extra,
         ]
         return [callback for callback in ordered if callback is not None]

@@ -27,6 +27,7 @@ __all__ = [
     "AtomicCheckpoints",
     "CheckpointError",
     "checkpoint_problem",
+    "last_complete_checkpoint",
     "resolve_checkpoint",
 ]
 
@@ -73,6 +74,17 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
             return f"no {name}"  # the stock Trainer would silently start a fresh optimizer or schedule
         if not zipfile.is_zipfile(folder / name):  # torch.save writes a zip; truncation loses its directory
             return f"{name} is truncated or not a torch.save file"
+    return None
+
+
+def last_complete_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint in `checkpoint_dir` that `checkpoint_problem` finds complete (None: there is none): what
+    a failed write or a stop leaves to continue from."""
+    if not Path(checkpoint_dir).is_dir():
+        return None
+    for folder in reversed(sort_checkpoints(str(checkpoint_dir), PREFIX_CHECKPOINT_DIR, use_mtime=False)):
+        if checkpoint_problem(folder) is None:
+            return Path(folder)
     return None
 
 

@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from ..data import limit_source
 from ..evaluation.frozen_features import DINOV2, evaluate_encoder
 from ..evaluation.label_subsets import fraction_name
 from ..evaluation.labels import EvaluationDataError
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 def final_evaluation(
     encoder, processor: MACRLImageProcessor, data: PretrainingData, device: torch.device, *,
     linear_probe: bool, floor: bool, seed: int, num_workers: int = 0, skip_unreadable: bool = False,
-    label_fractions: tuple[float, ...] = (), dinov2_linear: bool = False,
+    label_fractions: tuple[float, ...] = (), dinov2_linear: bool = False, memory_images: int | None = None,
 ) -> dict | None:
     """Weighted kNN (k=20, T=0.07) and, with `linear_probe`, the linear probe of `macrl-eval` on the config's pooled
     features (`data.labelled_evaluation()`: the kNN memory / probe training set, and the queries / test set), also
@@ -31,9 +32,11 @@ def final_evaluation(
     linear protocol (`linear_probe_accuracy_dinov2`), and with `floor` the same on raw pixels (`raw_pixel_floor`,
     `raw_pixels_` keys; DINOv2's protocol on pixels is the plain linear probe) where the images are small enough; None
     without labelled images on both sides. Accuracies in percent, the keys `macrl-eval` reports for the pooling
-    without its `_<pool>` part. The images are read by `num_workers` DataLoader workers (the run's:
-    the kNN memory can be a whole training set to decode); with `skip_unreadable` an undecodable one is skipped and
-    counted (`eval_skipped_unreadable`), as in training, and there is no floor.
+    without its `_<pool>` part. The kNN memory / probe training set is at most `memory_images` of the training
+    images (a seeded subset, `macrl-eval --limit-train`'s; None: all of them): `knn_train_images` says how many, and
+    `knn_train_images_available` of how many where it took fewer. The images are read by `num_workers` DataLoader
+    workers (the run's); with `skip_unreadable` an undecodable one is skipped and counted
+    (`eval_skipped_unreadable`), as in training, and there is no floor.
 
     Raises:
         UnreadableImageError: an image cannot be decoded, without `skip_unreadable`."""
@@ -41,6 +44,8 @@ def final_evaluation(
     if sources is None:
         return None
     memory, queries = sources
+    available = len(memory)
+    memory = limit_source(memory, memory_images, seed)
     pooling = encoder.config.pooling
     results = evaluate_encoder(
         encoder, processor, memory, queries,
@@ -53,6 +58,8 @@ def final_evaluation(
         "knn_train_images": results["train_images"],
         "knn_test_images": results["test_images"],
     }
+    if len(memory) < available:
+        evaluation["knn_train_images_available"] = available
     if dinov2_linear and linear_probe:
         evaluation["linear_probe_accuracy_dinov2"] = round(results[f"linear_probe_accuracy_{DINOV2}"], 2)
     if results["skipped_images"]:

@@ -2,7 +2,8 @@
 
 `plan_run(args)` checks the flags against each other and decides what they fix (`RunPlan`): the model config, the
 augmentations, the device, how many processes train together and how many data-loading workers each has, the
-optimiser's learning rate, the trackers, and the checkpoint a `--resume` continues (`ResumePoint`). `plan_steps`
+optimiser's learning rate, the trackers, the checkpoint a `--resume` continues (`ResumePoint`) and the signals that
+stop the run with a checkpoint. `plan_steps`
 then decides the run's length in steps and its precision (`StepPlan`), for which a time budget times real steps on
 the opened data and the new model. `build_training_arguments` turns both into the stock `TrainingArguments`.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .arguments import PretrainingArguments
 from .budget import STEP_HEADROOM, ClockState, TrainingClock, fit_steps_to_budget, probe_step_seconds
 from .checkpoints import STAGING_DIR, resolve_checkpoint
 from .data import DataOptions, PretrainingData, build_augmentation
+from .stop_signals import parse_signals
 
 __all__ = [
     "PretrainingError",
@@ -81,6 +84,7 @@ class RunPlan:
     learning_rate: float  # the optimiser's: the base learning rate x batch size / 256
     trackers: tuple[str, ...]  # the experiment trackers `--report-to` names
     resume: ResumePoint | None
+    stop_signals: tuple[signal.Signals, ...] = ()  # the signals that stop the run after its step, with a checkpoint
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -131,6 +135,12 @@ def plan_run(args: PretrainingArguments, device: torch.device | None = None) -> 
         raise PretrainingError(f"--report-to: {error}") from error
     if args.fp16 and args.bf16:
         raise PretrainingError("--fp16 and --bf16 ask for two precisions; choose one")
+    try:
+        stop_signals = parse_signals(args.stop_signals)
+    except ValueError as error:
+        raise PretrainingError(f"--stop-signals: {error}") from error
+    if args.eval_train_images < 0:
+        raise PretrainingError(f"--eval-train-images must be >= 0 (0: all), got {args.eval_train_images}")
     if args.eval_data is not None and not args.knn and args.knn_every <= 0:
         raise PretrainingError(
             "--eval-data with --no-knn and no --knn-every: nothing would be evaluated on it; drop one of them"
@@ -169,6 +179,7 @@ def plan_run(args: PretrainingArguments, device: torch.device | None = None) -> 
         learning_rate=base_lr * args.batch_size / 256,
         trackers=trackers,
         resume=resume,
+        stop_signals=stop_signals,
     )
 
 

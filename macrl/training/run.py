@@ -2,7 +2,8 @@
 
 `run_pretraining(PretrainingArguments(...))` is the library face of the command; it raises typed errors
 (`PretrainingError` and the data, checkpoint and device errors it meets, all `InputError`s; `UnreadableImageError`,
-`HubPushError`) and logs what it does to the `macrl` logger; it never prints.
+`HubPushError`; `OutputWriteError` for a failed write, a full disk, naming what is safe; `RunStopped` after a stop
+signal, naming the checkpoint it wrote) and logs what it does to the `macrl` logger; it never prints.
 
 OUTPUT_DIR receives: the full pre-training model (`save_pretrained`: main and momentum branches), `encoder/` (the
 `MACRLModel` users download, with its image processor and model card), `checkpoints/`, `logs/train_log.jsonl`,
@@ -14,19 +15,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from transformers import TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..atomic_files import atomic_path
 from ..data import UnreadableImageError, build_eval_transform
 from ..data.shards import UnreadableShardError
 from ..data.streaming_two_view_dataset import StreamPositions
-from ..errors import first_line
+from ..errors import OutputWriteError, RunStopped, first_line
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
 from ..openmp_waiting import openmp_wait_policy
 from ..visualization import encoder_pictures
+from ..write_failures import write_failure, writing
 from .arguments import PretrainingArguments
 from .budget import TrainingClock
 from .callbacks import (
@@ -37,13 +43,21 @@ from .callbacks import (
     PushCheckpointCallback,
     RunCallbacks,
 )
-from .checkpoints import AtomicCheckpoints
+from .checkpoints import STAGING_DIR, AtomicCheckpoints, last_complete_checkpoint
 from .data import PretrainingData, build_pretraining_data
 from .final_evaluation import final_evaluation
 from .knn_monitor import KnnMonitor
 from .pictures import plot_loss_curves, reconstruction_grid
-from .plan import PretrainingError, RunPlan, StepPlan, build_training_arguments, plan_run, plan_steps
+from .plan import (
+    PretrainingError,
+    RunPlan,
+    StepPlan,
+    build_training_arguments,
+    plan_run,
+    plan_steps,
+)
 from .release import EncoderRelease
+from .stop_signals import StopSignals
 from .trainer import MACRLPretrainer
 
 __all__ = ["PretrainingError", "run_pretraining"]
@@ -78,10 +92,21 @@ def run_pretraining(args: PretrainingArguments) -> dict:
     checkpoint = None if plan.resume is None else plan.resume.checkpoint
     cpu_started = time.process_time()
     try:
-        train_output = trainer.train(resume_from_checkpoint=checkpoint)
+        with callbacks.stop_signals.installed():
+            train_output = trainer.train(resume_from_checkpoint=checkpoint)
     except (UnreadableImageError, UnreadableShardError) as error:
         raise type(error)(f"{first_line(error)}; the checkpoints so far are kept in {plan.checkpoint_dir}") from error
+    except Exception as error:
+        if (failed := _failed_write_in_training(plan, error)) is None:
+            raise
+        raise failed from error
     cpu_seconds = time.process_time() - cpu_started  # every thread of this process: the work, and any spinning
+    if (stopped_by := callbacks.stop_signals.stopped_by) is not None:  # every process agreed on it
+        step = callbacks.stop_signals.stopped_at
+        written = plan.checkpoint_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        written = written if written.is_dir() else last_complete_checkpoint(plan.checkpoint_dir)
+        raise RunStopped(f"stopped by {stopped_by.name} after step {step}; its checkpoint: {written}",
+                         resume_from=written)
     skipped = trainer.skipped_unreadable()  # before rank 0 goes its own way: every process takes part
     if not trainer.is_world_process_zero():
         return {}
@@ -93,8 +118,17 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                     trainer.state.max_steps)
     else:
         logger.info("the run ended at its last step, %d", step)
+    # a failed write from here on leaves the last checkpoint, which a --resume finishes from (training no more steps)
+    last = last_complete_checkpoint(plan.checkpoint_dir)
+    safe = (f"the training's last checkpoint, {last}, is complete and untouched (--resume from it trains no more "
+            "steps and writes the outputs)" if last is not None else "")
+
+    def writing_output(what: str, where: Path):
+        return writing(what, where, safe=safe, resume_from=last)
+
     model = trainer.model.eval()
-    model.save_pretrained(plan.output_dir)  # the full pre-training model, both branches
+    with writing_output("the pre-training model", plan.output_dir):
+        model.save_pretrained(plan.output_dir)  # the full pre-training model, both branches
     results = _training_results(args, plan, steps, data, trainer, train_output, callbacks, skipped, cpu_seconds)
     evaluation, evaluation_error = None, None
     if args.knn:
@@ -104,6 +138,7 @@ def run_pretraining(args: PretrainingArguments) -> dict:
                 linear_probe=args.linear_probe, floor=args.raw_pixel_floor, seed=args.seed,
                 num_workers=plan.num_workers, skip_unreadable=args.skip_unreadable,
                 label_fractions=tuple(args.label_fractions), dinov2_linear=args.dinov2_linear,
+                memory_images=args.eval_train_images or None,
             )
         except UnreadableImageError as error:  # after the training: write the encoder and results first, then say it
             evaluation_error = error
@@ -111,11 +146,15 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         results.update(evaluation, eval_split=data.eval_split)
         if data.eval_data is not None:
             results["eval_data"] = data.eval_data
-    _draw_pictures(plan, data, model, seed=args.seed)
+    with writing_output("the pictures", plan.output_dir / "pictures"):
+        _draw_pictures(plan, data, model, seed=args.seed)
     progress = {"steps": results["steps"], "epochs": results["epochs"], "minutes": results["training_minutes"]}
-    release.export(model, progress, evaluation)
+    with writing_output("the encoder", release.folder):
+        release.export(model, progress, evaluation)
     results["total_minutes"] = round((time.monotonic() - started) / 60, 2)
-    (plan.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with writing_output("results.json", plan.output_dir / "results.json"), \
+            atomic_path(plan.output_dir / "results.json") as written:  # a failed write leaves no half of a file
+        written.write_text(json.dumps(results, indent=2) + "\n")
     if args.push_to_hub:
         results["hub_commit"] = release.push("Upload MACRL encoder")
     if evaluation_error is not None:
@@ -124,6 +163,24 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             f"written in {plan.output_dir} without it"
         ) from evaluation_error
     return results
+
+
+def _failed_write_in_training(plan: RunPlan, error: Exception) -> OutputWriteError | None:
+    """`error`, raised while training, as the failed write it may be, with what is safe: the training log
+    (`JsonlLogCallback` names it), or the checkpoint being written in staging, which is removed (it never became a
+    checkpoint); None for any other error."""
+    staging = plan.checkpoint_dir / STAGING_DIR
+    staged = [folder for folder in staging.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.name.split("-", 1)[1].isdigit()]
+    if isinstance(error, OutputWriteError):
+        message = first_line(error)
+    elif staged and (failure := write_failure(error, staged[0])) is not None:
+        message = f"could not write {staged[0].name} to {staged[0]}: {failure}; the partial checkpoint is removed"
+        shutil.rmtree(staged[0], ignore_errors=True)  # after write_failure, which may read the free space left
+    else:
+        return None
+    last = last_complete_checkpoint(plan.checkpoint_dir)
+    safe = f"{last} is complete and untouched" if last is not None else "no checkpoint was written before it"
+    return OutputWriteError(f"{message}; {safe}", resume_from=last)
 
 
 def _encoder_release(args: PretrainingArguments, plan: RunPlan, data: PretrainingData) -> EncoderRelease:
@@ -178,6 +235,7 @@ def _callbacks(
     return RunCallbacks(
         clock=TrainingClock(args.max_minutes, steps.bf16),
         checkpoints=AtomicCheckpoints(plan.checkpoint_dir, args.save_total_limit),
+        stop_signals=StopSignals(plan.stop_signals),
         log=JsonlLogCallback(plan.log_path),
         data_epoch=None if data.streamed else DataEpochCallback(data.train),
         data_position=data_position,
@@ -232,6 +290,7 @@ def _training_results(
         "final_learning_rate": learning_rates[-1] if learning_rates else None,
         "final_momentum": trainer.momentum_update.momentum,
         "augmentation": dataclasses.asdict(data.augmentation),
+        "eval_train_images": args.eval_train_images,  # the cap on the evaluation's kNN memory (0: none)
     }
     if skipped is not None:
         results["skipped_unreadable"] = skipped

@@ -11,7 +11,8 @@ What MACRL adds to the stock `transformers.Trainer`, through its public hooks on
   the EMA momentum, images/s and the kNN monitor (`KnnMonitor`, when given), and the last step is always logged;
 - checkpoints are staged and renamed into place whole (`AtomicCheckpoints`: the `TrainingArguments.output_dir` is
   the staging folder `<checkpoint_dir>/.staging`);
-- resuming from a checkpoint with a missing or truncated file raises `CheckpointError`;
+- resuming from a checkpoint with a missing or truncated file raises `CheckpointError`, and resuming from one at the
+  run's last step trains no more steps (the stock Trainer trains one past it when that step is mid-epoch);
 - tokens get no weight decay (MAE's `no_weight_decay`);
 - a streamed dataset (`StreamingTwoViewDataset`: shards, a streaming `datasets` dataset) gets a plain DataLoader of
   its own (it splits itself across processes and workers; accelerate's wrappers would make every process read
@@ -31,7 +32,8 @@ import time
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 
 from ..data.streaming_two_view_dataset import StreamingTwoViewDataset
@@ -66,16 +68,20 @@ class MACRLPretrainer(Trainer):
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._loss_parts_count = 0
         self._last_log = (time.monotonic(), 0)
+        self._resumed_step: int | None = None  # the step of the checkpoint `train` resumes from
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         # The stock Trainer resumes silently from a checkpoint without optimizer.pt or rng_state.pth (a fresh
         # optimizer: a different run) and fails with a bare torch/safetensors traceback on a truncated file.
+        self._resumed_step = None
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             problem = checkpoint_problem(resume_from_checkpoint)
             if problem is not None:
                 raise CheckpointError(f"{resume_from_checkpoint} is not a complete checkpoint ({problem})")
             if self.stream_positions is not None:
                 self._resume_stream(resume_from_checkpoint)
+            self._resumed_step = TrainerState.load_from_json(
+                os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)).global_step
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _resume_stream(self, checkpoint) -> None:
@@ -98,26 +104,40 @@ class MACRLPretrainer(Trainer):
         return int(self.accelerator.reduce(skipped, reduction="sum").item())
 
     def set_initial_training_values(self, args, dataloader):
-        values = super().set_initial_training_values(args, dataloader)
-        if self.stream_positions is None:
-            return values
-        # An endless stream is one Trainer epoch of max_steps steps (the stream counts its own epochs): with the
-        # stock sys.maxsize epochs, a run resumed from a checkpoint at its last step trains one step more.
-        return (1, *values[1:])
+        epochs, steps_per_epoch, *rest = super().set_initial_training_values(args, dataloader)
+        if self.stream_positions is not None:
+            # An endless stream is one Trainer epoch of max_steps steps (the stream counts its own epochs): with the
+            # stock sys.maxsize epochs, a run resumed from a checkpoint at its last step trains one step more.
+            epochs = 1
+        max_steps = rest[-1]
+        if self._resumed_step is not None and self._resumed_step >= max_steps:
+            # Resumed at its last step (a stop, a failed write or a kill after the last checkpoint): no epoch left to
+            # start, where the stock Trainer would train one step past max_steps in the middle of an epoch (it
+            # checks max_steps only after a step).
+            epochs = min(epochs, self._resumed_step // steps_per_epoch)
+        return (epochs, steps_per_epoch, *rest)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.stream_positions is None:
-            return super().get_train_dataloader()
-        workers = self.args.dataloader_num_workers
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self._train_batch_size,
-            collate_fn=self.data_collator,
-            num_workers=workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers,
-            prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
-        )
+            loader = super().get_train_dataloader()
+        else:
+            workers = self.args.dataloader_num_workers
+            loader = DataLoader(
+                self.train_dataset,
+                batch_size=self._train_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=workers,
+                pin_memory=self.args.dataloader_pin_memory,
+                persistent_workers=self.args.dataloader_persistent_workers,
+                prefetch_factor=self.args.dataloader_prefetch_factor if workers else None,
+            )
+        # accelerate's loaders iterate a DataLoader of their own (`base_dataloader`): its workers are the ones to set
+        workers = getattr(loader, "base_dataloader", loader)
+        if self.run_callbacks.stop_signals is not None and workers.num_workers > 0:
+            # a stop signal sent to every process (Ctrl-C, SLURM, kill -- -PGID) is this process's to act on: the
+            # workers that feed it must outlive it until the step's end
+            workers.worker_init_fn = self.run_callbacks.stop_signals.worker_init_fn(workers.worker_init_fn)
+        return loader
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.clock.budget_seconds is None or self.lr_scheduler is not None:
