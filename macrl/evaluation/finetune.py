@@ -49,6 +49,7 @@ __all__ = [
     "LayerDecayTrainer",
     "activation_checkpointing_arguments",
     "build_finetune_trainer",
+    "enable_checkpointing",
     "finetune",
     "is_checkpointing",
     "layer_decay_parameter_groups",
@@ -58,6 +59,9 @@ __all__ = [
 # RandomResizedCrop area range: "light" augmentation, so a short fine-tune on small images still sees most of
 # the object (MAE's 0.08 is tuned for 100-epoch ImageNet runs).
 TRAIN_CROP_SCALE = (0.5, 1.0)
+# torch.utils.checkpoint's non-reentrant variant: gradients reach LoRA weights inside a block whose input needs none
+# (a frozen embedding), and it is what transformers defaults to since 5.20
+REENTRANT_FREE = {"use_reentrant": False}
 # parameters without weight decay besides the 1-D ones (biases, LayerNorm weights)
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -189,14 +193,23 @@ class LayerDecayTrainer(Trainer):
 # --------------------------------------------------------------------------- training
 
 
-def activation_checkpointing_arguments(enabled: bool) -> dict[str, bool]:
-    """The `TrainingArguments` field that turns gradient checkpointing on: ``activation_checkpointing`` since
+def activation_checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """The `TrainingArguments` fields that turn gradient checkpointing on: ``activation_checkpointing`` since
     transformers 5.20 (``gradient_checkpointing``, its deprecated alias, before), which then has the Trainer call the
-    model's ``activation_checkpointing_enable`` (``use_reentrant=False``) before training."""
+    model's ``activation_checkpointing_enable`` before training, with ``use_reentrant=False``."""
     name = "activation_checkpointing"
     if name not in TrainingArguments.__dataclass_fields__:
         name = "gradient_checkpointing"
-    return {name: enabled}
+    return {name: True, f"{name}_kwargs": dict(REENTRANT_FREE)} if enabled else {name: False}
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn gradient checkpointing on in ``model`` as the Trainer does (``activation_checkpointing_enable``, or
+    before transformers 5.20 ``gradient_checkpointing_enable``; both ``use_reentrant=False``)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(REENTRANT_FREE)
+    else:
+        model.gradient_checkpointing_enable(REENTRANT_FREE)
 
 
 def is_checkpointing(model: nn.Module) -> bool:
