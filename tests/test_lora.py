@@ -1,5 +1,5 @@
-"""LoRA fine-tuning (macrl/evaluation/lora.py, `macrl-eval --lora-rank`) and gradient checkpointing in fine-tuning,
-on the tiny encoder and real Fashion-MNIST images."""
+"""LoRA fine-tuning (macrl/evaluation/lora.py, `macrl-eval --lora-rank`), on the tiny encoder and real Fashion-MNIST
+images."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transformers import AutoModelForImageClassification
 from macrl import MACRLConfig, MACRLForImageClassification, MACRLImageProcessor, MACRLModel
 from macrl.data import FashionMNISTSource, limit_source
 from macrl.evaluate import main
-from macrl.evaluation.finetune import build_finetune_trainer, finetune, is_checkpointing
+from macrl.evaluation.finetune import finetune
 from macrl.evaluation.lora import ADAPTER_FOLDER, add_lora, trainable_parameters
 from macrl.presets import PRESETS
 
@@ -96,30 +96,6 @@ def test_lora_fine_tuning_beats_the_untrained_classifier(tiny_encoder_folder, so
     assert results["finetune_steps"] == 24
     # 32.5% after 24 steps against 10% (chance) for the untrained classifier of this random tiny encoder
     assert results["finetune_accuracy"] >= before + 15, (before, results["finetune_accuracy"])
-
-
-def test_gradient_checkpointing_reaches_the_model_and_trains_alike(tiny_encoder_folder, sources, tmp_path):
-    """The same seeded fine-tuning with and without checkpointing: the flag reaches every block, and the logged losses
-    and the trained weights are the same."""
-    train, test = sources
-    processor = MACRLImageProcessor.from_pretrained(tiny_encoder_folder)
-    runs = {}
-    for checkpointing in (False, True):
-        torch.manual_seed(0)  # the same new classifier
-        model = MACRLForImageClassification.from_pretrained(tiny_encoder_folder, num_labels=10)
-        trainer = build_finetune_trainer(
-            model, processor, train, None, output_dir=tmp_path / str(checkpointing), batch_size=32, lr=2e-3,
-            max_steps=4, logging_steps=1, seed=0, gradient_checkpointing=checkpointing,
-        )
-        trainer.train()
-        assert is_checkpointing(trainer.model) is checkpointing
-        assert all(block.gradient_checkpointing is checkpointing for block in trainer.model.macrl.blocks)
-        losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
-        runs[checkpointing] = losses, trainer.model.state_dict()
-    (plain_losses, plain), (checkpointed_losses, checkpointed) = runs[False], runs[True]
-    assert len(plain_losses) == 4 and checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_cli_lora_with_gradient_checkpointing_reports_and_saves(tiny_encoder_folder, tmp_path, capsys):

@@ -118,3 +118,24 @@ def test_without_training_labels_the_probe_is_off_with_a_warning(tmp_path, capsy
     assert ("macrl-pretrain: warning: --online-probe: the training images have no labels (a stream, or a folder "
             "without class subfolders); the online probe is off") in capsys.readouterr().err
     assert not any("online_probe_accuracy" in record for record in _log(out))
+
+
+@pytest.mark.slow  # a real run in a subprocess
+def test_the_cost_benchmark_measures_the_probe_beside_the_monitor():
+    """`benchmarks/knn_monitor_cost.py --online-probe` measures the probe as it measures the monitor: one real run."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "knn_monitor_cost.py"
+    extra = ["--config", "tiny", "--batch-size", "32", "--num-workers", "0", "--limit-images", "512",
+             "--knn-monitor-images", "100"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), "--steps", "6", "--every", "3", "--online-probe", "--", *extra],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"online probe: [\d.]+ ms / step, [\d.]+ s / pass", done.stdout), done.stdout
+    rows = re.findall(r"^\| \d+ \| ([\d.]+)% \| ([\d.]+)% \|$", done.stdout, re.M)
+    assert len(rows) == 5 and all(float(probe) > 0 for _, probe in rows), done.stdout

@@ -273,6 +273,7 @@ def _training_results(
         results["knn_monitor_last"] = callbacks.monitor.last
     if callbacks.online_probe is not None:
         results["online_probe_seconds"] = round(callbacks.online_probe.seconds, 2)
+        results["online_probe_eval_seconds"] = round(callbacks.online_probe.eval_seconds, 2)
         results["online_probe_last"] = callbacks.online_probe.last
     results["gradient_checkpointing"] = is_checkpointing(trainer.model)  # what the model trained with
     return results
