@@ -29,7 +29,8 @@ __all__ = ["ONLINE_PROBE_FILE", "OnlineProbe"]
 
 # the probe's file in every checkpoint: its weights, its optimiser's state, and (metadata) its optimiser's settings
 ONLINE_PROBE_FILE = "online_probe.safetensors"
-# AdamW without weight decay: a linear classifier on features that move under it wants to follow them quickly
+# its AdamW's (no weight decay): 1e-2 read higher but swung by 20 points between evaluations
+# (benchmarks/results/online-probe.md)
 PROBE_LEARNING_RATE = 1e-3
 
 
