@@ -418,16 +418,26 @@ def _proc_status() -> dict[str, int] | None:
 
 
 def _case_peak_mb(size_name: str, case: str, batch: int, steps: int) -> float:
-    """Peak memory of building the case and running `steps` steps, above the memory the process had before.
+    """Peak memory of building the case and running `steps` steps, above the memory the process had before."""
+
+    def work() -> None:
+        step = build_case(SIZES[size_name], case, batch, torch.device("cpu"))
+        for _ in range(steps):
+            step()
+
+    return peak_mb(work)
+
+
+def peak_mb(work: Callable[[], object]) -> float:
+    """Peak memory of running `work()` in this process (a fresh one: the peak is the process's), in MiB above the
+    memory it had before.
 
     On Linux: the peak RSS (VmHWM) minus the RSS before, minus what file-backed pages (library code the step runs
     for the first time) added, so that what is left is the anonymous memory: weights, optimizer state, activations.
     """
     before = _proc_status()
     baseline = current_rss()
-    step = build_case(SIZES[size_name], case, batch, torch.device("cpu"))
-    for _ in range(steps):
-        step()
+    work()
     after = _proc_status()
     if before is None or after is None or "VmHWM" not in after:
         return (peak_rss() - baseline) / 2**20

@@ -6,7 +6,8 @@ Evaluates on Debian's Fashion-MNIST train / test split by default, or on a folde
 seeded held-out split of `macrl.data.splits`, the one `macrl-pretrain --seed S` holds out), or on a `datasets`
 dataset with train / test splits. Prints a table, writes the results as JSON (`--output`) and can rewrite a local
 model folder's model card with them (`--update-card`). The work is the library's: `macrl.evaluation`
-(`evaluate_encoder`, `finetune`), `macrl.evaluation.labels.open_labelled`, `macrl.loading`, `macrl.model_card`.
+(`evaluate_encoder`, `finetune`, LoRA in `macrl.evaluation.lora`), `macrl.evaluation.labels.open_labelled`,
+`macrl.loading`, `macrl.model_card`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .devices import resolve_device
 from .evaluation.frozen_features import check_labelled, evaluate_encoder
 from .evaluation.label_subsets import DEFAULT_LABEL_FRACTIONS, check_fractions, fraction_name
 from .evaluation.labels import EvaluationDataError, open_labelled
+from .evaluation.lora import import_peft
 from .evaluation.raw_pixel_floor import floor_applies, raw_pixel_floor
 from .loading import load_encoder_and_processor
 from .model_card import card_evaluation, update_model_card
@@ -80,9 +82,13 @@ def format_table(results: Mapping[str, Any]) -> str:
             + (f"; raw pixels' linear probe {floor:.2f})" if floor is not None else ")")
         )
     if "finetune_accuracy" in results:
+        lora = ""
+        if results.get("finetune_lora_rank"):
+            share = 100 * results["finetune_trainable_parameters"] / results["finetune_parameters"]
+            lora = f", LoRA rank {results['finetune_lora_rank']}: {share:.2f}% of the parameters trained"
         lines.append(
             f"{'fine-tuning accuracy %':<{label_width}}{results['finetune_accuracy']:>10.2f}"
-            f"   ({results.get('finetune_steps')} steps, pooling {results.get('model_pooling', '?')})"
+            f"   ({results.get('finetune_steps')} steps, pooling {results.get('model_pooling', '?')}{lora})"
         )
     counts = [f"{results[key]} {text}" for key, text in (
         ("train_images", "train"), ("test_images", "test"), ("num_classes", "classes"),
@@ -166,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--weight-decay", type=float, default=0.05, help="fine-tuning weight decay (default: %(default)s)")
     add(
+        "--lora-rank", type=int_at_least(1), default=None, metavar="R",
+        help="fine-tune LoRA adapters of rank R on the attention's qkv and proj, and the classifier, instead of every "
+        "weight (needs peft: pip install 'macrl[peft]'); saves the adapter in <finetune output>/adapter and the "
+        "merged model, which loads without peft (default: off)",
+    )
+    add(
+        "--gradient-checkpointing", action="store_true",
+        help="fine-tuning recomputes every block's activations in the backward pass instead of keeping them: less "
+        "memory, a slower step (default: off)",
+    )
+    add(
         "--finetune-output", default=None,
         help="folder for the fine-tuned model (default: <output stem>-finetuned next to --output, "
         "else ./macrl-finetuned)",
@@ -201,6 +218,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if args.layer_decay is not None and not 0.0 < args.layer_decay <= 1.0:
         raise UsageError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    finetuning = args.finetune_epochs > 0 or args.finetune_max_steps
+    for flag, value in (("--lora-rank", args.lora_rank), ("--gradient-checkpointing", args.gradient_checkpointing)):
+        if value and not finetuning:
+            raise UsageError(f"{flag} is for fine-tuning: add --finetune-epochs N (or --finetune-max-steps N)")
+    if args.lora_rank is not None:
+        import_peft()  # PeftMissingError names the extra to install
     try:
         check_fractions(args.label_fractions)
     except ValueError as error:
@@ -299,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 weight_decay=args.weight_decay, seed=args.seed, max_steps=args.finetune_max_steps or -1,
                 revision=args.revision, device=device.type, dtype=args.dtype,
                 num_workers=args.num_workers, progress=show_progress,
+                lora_rank=args.lora_rank, gradient_checkpointing=args.gradient_checkpointing,
             )
         results.update(tuned)
         results.setdefault("train_images", len(train))

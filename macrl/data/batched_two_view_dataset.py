@@ -26,15 +26,16 @@ class BatchedTwoViewDataset(TwoViewDataset):
 
         {"images":                uint8   [C, H, W], the image as the source gives it,
          "augmentation_uniforms": float32 [2, NUM_UNIFORMS], in [0, 1): strong view's row, then weak view's,
-         "noise":                 float32 [num_patches], as TwoViewDataset}
+         "noise":                 float32 [num_patches], as TwoViewDataset
+         "labels":                int, as TwoViewDataset (only with ``labels``)}
 
     Use it with ``DataLoader(dataset, collate_fn=TwoViewCollator(augmentation))``; every image of a batch must have
     the same size.
     """
 
-    def __init__(self, source: ImageSource, num_patches: int, seed: int = 0):
+    def __init__(self, source: ImageSource, num_patches: int, seed: int = 0, labels: bool = False):
         # no per-image transforms: the views are made from the raw images by TwoViewCollator
-        super().__init__(source, strong=None, weak=None, num_patches=num_patches, seed=seed)
+        super().__init__(source, strong=None, weak=None, num_patches=num_patches, seed=seed, labels=labels)
 
     def views(self, image: Image.Image, augmentation_seed: int) -> dict[str, torch.Tensor]:
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W] or [H, W, C]
@@ -47,7 +48,8 @@ class BatchedTwoViewDataset(TwoViewDataset):
 class TwoViewCollator:
     """DataLoader ``collate_fn`` turning `BatchedTwoViewDataset` samples into the model's inputs.
 
-    Returns ``{"pixel_values": strong [B, C, S, S], "momentum_pixel_values": weak [B, C, S, S], "noise": [B, L]}``.
+    Returns ``{"pixel_values": strong [B, C, S, S], "momentum_pixel_values": weak [B, C, S, S], "noise": [B, L]}``,
+    and ``"labels": int64 [B]`` where the samples have labels.
     """
 
     def __init__(self, augmentation: AugmentationConfig) -> None:
@@ -63,8 +65,11 @@ class TwoViewCollator:
             )
         images = torch.stack([sample["images"] for sample in samples])  # [B, C, H, W] uint8
         uniforms = torch.stack([sample["augmentation_uniforms"] for sample in samples])  # [B, 2, K]
-        return {
+        batch = {
             "pixel_values": self.strong(images, uniforms[:, 0]),
             "momentum_pixel_values": self.weak(images, uniforms[:, 1]),
             "noise": torch.stack([sample["noise"] for sample in samples]),
         }
+        if "labels" in samples[0]:
+            batch["labels"] = torch.tensor([sample["labels"] for sample in samples])  # [B]
+        return batch

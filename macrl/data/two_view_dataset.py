@@ -41,7 +41,8 @@ class TwoViewDataset(Dataset):
 
         {"pixel_values":          strong(image)  float32 [C, H, W],
          "momentum_pixel_values": weak(image)    float32 [C, H, W],
-         "noise":                 float32 [num_patches], uniform in [0, 1)}
+         "noise":                 float32 [num_patches], uniform in [0, 1),
+         "labels":                int, the image's class (only with ``labels`` and a labelled source)}
 
     ``noise`` is what MAE-style random masking argsorts to pick the visible patches.
 
@@ -57,6 +58,7 @@ class TwoViewDataset(Dataset):
         weak: transform for the momentum encoder's view (idem).
         num_patches: length of the noise vector (patches per image).
         seed: base seed of the run (>= 0).
+        labels: also return each image's label, where the source has labels (for an online probe).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class TwoViewDataset(Dataset):
         weak: Transform | None,
         num_patches: int,
         seed: int = 0,
+        labels: bool = False,
     ) -> None:
         if num_patches < 1:
             raise ValueError(f"num_patches must be positive, got {num_patches}")
@@ -76,6 +79,7 @@ class TwoViewDataset(Dataset):
         self.weak = weak
         self.num_patches = num_patches
         self.seed = seed
+        self.labels = labels and source.labels is not None
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -99,7 +103,10 @@ class TwoViewDataset(Dataset):
         augmentation_seed, noise_seed = derive_sample_seeds(self.seed, self.epoch, index)
         noise_generator = torch.Generator().manual_seed(noise_seed)
         noise = torch.rand(self.num_patches, generator=noise_generator, dtype=torch.float32)
-        return {**self.views(self.source.load_image(index), augmentation_seed), "noise": noise}
+        sample = {**self.views(self.source.load_image(index), augmentation_seed), "noise": noise}
+        if self.labels:
+            sample["labels"] = self.source.labels[index]
+        return sample
 
     def views(self, image: Image.Image, augmentation_seed: int) -> dict[str, torch.Tensor]:
         """``pixel_values`` (strong view) and ``momentum_pixel_values`` (weak view) of one image."""

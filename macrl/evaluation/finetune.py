@@ -13,8 +13,13 @@ The recipe is MAE's fine-tuning protocol, scaled down:
   classifier, and group ``layer_id`` trains at ``lr * layer_decay ** (num_layers + 1 - layer_id)``: the head at the
   full rate, the early blocks (generic features) at much smaller ones.
 
+With ``lora_rank``, only LoRA adapters of that rank and the classifier train (:mod:`macrl.evaluation.lora`, peft);
+with ``gradient_checkpointing``, every block's activations are recomputed in the backward pass instead of kept
+(less memory, a slower step; the same loss and gradients).
+
 The fine-tuned model is saved (safetensors, with the image processor) to ``output_dir`` and loads back with
-``MACRLForImageClassification.from_pretrained(output_dir)``.
+``MACRLForImageClassification.from_pretrained(output_dir)``; a LoRA run also saves its adapter in
+``output_dir/adapter/``.
 """
 
 from __future__ import annotations
@@ -37,12 +42,16 @@ from transformers import EvalPrediction, Trainer, TrainingArguments
 from ..data import ImageSource
 from ..loading import load_image_processor
 from .labels import EvaluationDataError, check_labelled
+from .lora import add_lora, import_peft, save_lora, trainable_parameters
 
 __all__ = [
     "FinetuneDataset",
     "LayerDecayTrainer",
+    "activation_checkpointing_arguments",
     "build_finetune_trainer",
+    "enable_checkpointing",
     "finetune",
+    "is_checkpointing",
     "layer_decay_parameter_groups",
     "layer_id",
 ]
@@ -50,6 +59,9 @@ __all__ = [
 # RandomResizedCrop area range: "light" augmentation, so a short fine-tune on small images still sees most of
 # the object (MAE's 0.08 is tuned for 100-epoch ImageNet runs).
 TRAIN_CROP_SCALE = (0.5, 1.0)
+# torch.utils.checkpoint's non-reentrant variant: gradients reach LoRA weights inside a block whose input needs none
+# (a frozen embedding), and it is what transformers defaults to since 5.20
+REENTRANT_FREE = {"use_reentrant": False}
 # parameters without weight decay besides the 1-D ones (biases, LayerNorm weights)
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -181,6 +193,31 @@ class LayerDecayTrainer(Trainer):
 # --------------------------------------------------------------------------- training
 
 
+def activation_checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """The `TrainingArguments` fields that turn gradient checkpointing on: ``activation_checkpointing`` since
+    transformers 5.20 (``gradient_checkpointing``, its deprecated alias, before), which then has the Trainer call the
+    model's ``activation_checkpointing_enable`` before training, with ``use_reentrant=False``."""
+    name = "activation_checkpointing"
+    if name not in TrainingArguments.__dataclass_fields__:
+        name = "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": dict(REENTRANT_FREE)} if enabled else {name: False}
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn gradient checkpointing on in ``model`` as the Trainer does (``activation_checkpointing_enable``, or
+    before transformers 5.20 ``gradient_checkpointing_enable``; both ``use_reentrant=False``)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(REENTRANT_FREE)
+    else:
+        model.gradient_checkpointing_enable(REENTRANT_FREE)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` recomputes activations in the backward pass: any of its blocks has gradient checkpointing
+    on (transformers' ``is_activation_checkpointing``, which a peft wrapper and older transformers lack)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
 def _accuracy(prediction: EvalPrediction) -> dict[str, float]:
     predictions = np.asarray(prediction.predictions).reshape(-1)
     labels = np.asarray(prediction.label_ids).reshape(-1)
@@ -223,12 +260,14 @@ def build_finetune_trainer(
     num_workers: int = 0,
     progress: bool = False,
     callbacks: Iterable | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LayerDecayTrainer:
-    """A :class:`LayerDecayTrainer` that fine-tunes ``model`` (a ``MACRLForImageClassification``) on ``train_source``.
+    """A :class:`LayerDecayTrainer` that fine-tunes ``model`` (a ``MACRLForImageClassification``, or a peft
+    ``PeftModel`` of one) on ``train_source``.
 
     ``logging_steps=None`` logs about 20 times per run. ``device``: ``cpu`` (even with a GPU present), ``cuda``,
     ``mps`` or ``auto`` (the Trainer's choice). ``bf16`` / ``fp16``: the Trainer's mixed precision (fp16 with loss
-    scaling); at most one.
+    scaling); at most one. ``gradient_checkpointing``: the Trainer turns it on in the model when training starts.
     Nothing is saved by the trainer itself (``save_strategy="no"``); :func:`finetune` saves the final model.
     """
     if batch_size < 1:
@@ -270,6 +309,7 @@ def build_finetune_trainer(
         fp16=fp16,
         disable_tqdm=not progress,
         log_level="warning",
+        **activation_checkpointing_arguments(gradient_checkpointing),
     )
     return LayerDecayTrainer(
         model=model,
@@ -303,8 +343,11 @@ def finetune(
     dtype: str = "fp32",
     num_workers: int = 0,
     progress: bool = False,
+    lora_rank: int | None = None,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune a MACRL encoder end to end with a linear head; evaluate on ``test_source``; save to ``output_dir``.
+    """Fine-tune a MACRL encoder with a linear head, end to end or with LoRA; evaluate on ``test_source``; save to
+    ``output_dir``.
 
     Args:
         model_name_or_path: a MACRL encoder folder or Hub id (a ``MACRLModel``, pre-training or classification
@@ -315,16 +358,27 @@ def finetune(
         epochs, batch_size, lr, weight_decay, seed, max_steps (> 0 overrides epochs), warmup_ratio: the usual.
         layer_decay: layer-wise lr decay factor in ``(0, 1]`` (MAE uses 0.65 - 0.75); None: one lr everywhere.
         dtype: ``fp32``, ``bf16`` or ``fp16`` (the Trainer's mixed precision: autocast, fp16 with loss scaling).
+        lora_rank: train LoRA adapters of this rank and the classifier only (:mod:`macrl.evaluation.lora`; needs
+            peft); the adapter is saved in ``output_dir/adapter/``, the merged model in ``output_dir``. None: every
+            parameter trains.
+        gradient_checkpointing: recompute every block's activations in the backward pass instead of keeping them.
 
     Returns:
         ``finetune_accuracy`` (percent, on ``test_source``), ``finetune_eval_loss``, ``finetune_train_loss`` (mean
         over the run), ``finetune_losses`` (the logged training losses, in order), ``finetune_steps``,
-        ``finetune_epochs``, ``finetune_seconds`` and ``finetune_output_dir``.
+        ``finetune_epochs``, ``finetune_seconds``, ``finetune_output_dir``, ``finetune_trainable_parameters`` /
+        ``finetune_parameters`` (what trained, of all), ``finetune_lora_rank`` and ``finetune_gradient_checkpointing``
+        (whether the model ran with it).
+
+    Raises:
+        PeftMissingError: ``lora_rank`` and no peft installed (before any work).
     """
     from .. import MACRLForImageClassification
 
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"dtype must be 'fp32', 'bf16' or 'fp16', got {dtype!r}")
+    if lora_rank is not None:
+        import_peft()  # a missing peft is said before the slow part
     started = time.monotonic()
     class_names = _class_names(train_source, test_source)
     num_classes = len(class_names)
@@ -356,19 +410,26 @@ def finetune(
             model_name_or_path, len(missing), missing[0],
         )
     processor = load_image_processor(model_name_or_path, model.config, revision)
+    if lora_rank is not None:
+        model = add_lora(model, lora_rank)
+    trained, parameters = trainable_parameters(model)
 
     trainer = build_finetune_trainer(
         model, processor, train_source, test_source,
         output_dir=output_dir, epochs=epochs, batch_size=batch_size, lr=lr, layer_decay=layer_decay,
         weight_decay=weight_decay, seed=seed, max_steps=max_steps, warmup_ratio=warmup_ratio,
         logging_steps=logging_steps, device=device, bf16=dtype == "bf16", fp16=dtype == "fp16", num_workers=num_workers,
-        progress=progress,
+        progress=progress, gradient_checkpointing=gradient_checkpointing,
     )
     train_output = trainer.train()
+    checkpointed = is_checkpointing(trainer.model)  # what the model ran with, not what was asked
     metrics = trainer.evaluate()
     output_dir = Path(output_dir)
-    trainer.save_model(str(output_dir))  # model.safetensors + config.json (+ code)
-    processor.save_pretrained(str(output_dir))
+    if lora_rank is not None:
+        save_lora(trainer.model, output_dir, processor)  # adapter/ and the merged model
+    else:
+        trainer.save_model(str(output_dir))  # model.safetensors + config.json (+ code)
+        processor.save_pretrained(str(output_dir))
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
     return {
         "finetune_accuracy": round(float(metrics["eval_accuracy"]), 4),
@@ -381,4 +442,8 @@ def finetune(
         "finetune_lr": lr,
         "finetune_seconds": round(time.monotonic() - started, 2),
         "finetune_output_dir": str(output_dir),
+        "finetune_trainable_parameters": trained,
+        "finetune_parameters": parameters,
+        "finetune_lora_rank": lora_rank,
+        "finetune_gradient_checkpointing": checkpointed,
     }

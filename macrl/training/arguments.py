@@ -104,6 +104,11 @@ class PretrainingArguments:
     )
     fp16: bool = _flag(False, "Train under float16 autocast with loss scaling (GPUs).")
     compile: bool = _flag(False, "Compile the model with torch.compile.")
+    gradient_checkpointing: bool = _flag(
+        False,
+        "Recompute every block's activations in the backward pass instead of keeping them: less memory for a larger "
+        "batch or model, a slower step (benchmarks/gradient_checkpointing.py measures both).",
+    )
     mask_ratio: float | None = _flag(None, "Override the config's mask_ratio.")
     reconstruction_weight: float | None = _flag(None, "Override the config's reconstruction_weight (0: MoCo v3).")
     contrastive_weight: float | None = _flag(None, "Override the config's contrastive_weight (0: MAE).")
@@ -159,6 +164,13 @@ class PretrainingArguments:
     )
     knn_monitor_images: int = _flag(
         1000, "Held-out images the --knn-every monitor classifies, against 5 times as many training images."
+    )
+    online_probe: bool = _flag(
+        False,
+        "Train a linear classifier on the detached pooled features of every training batch (needs labelled training "
+        "images), with its own optimiser; its accuracy on the monitor's held-out images goes into the log, the "
+        "tracker and the loss plot with the kNN monitor's (every --knn-every steps, else every --logging-steps). It "
+        "never changes the encoder's training, is kept in the checkpoints and is not part of encoder/.",
     )
     report_to: str = _flag(
         "none",

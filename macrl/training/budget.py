@@ -84,7 +84,8 @@ def probe_step_seconds(
     for _ in range(PROBE_STEPS):
         for bf16 in precisions:
             start = time.perf_counter()
-            batch = {key: value.to(device, non_blocking=cuda) for key, value in next(batches).items()}
+            # the model's inputs (an online probe's labels are not)
+            batch = {key: value.to(device, non_blocking=cuda) for key, value in next(batches).items() if key != "labels"}
             with torch.autocast(device.type, dtype=dtype, enabled=bf16 or fp16):
                 loss = probe(**batch).loss
             optimizer.zero_grad()

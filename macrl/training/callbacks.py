@@ -21,7 +21,11 @@ from ..write_failures import writing
 from .budget import BudgetProgressCallback, TrainingClock
 from .checkpoints import AtomicCheckpoints
 from .knn_monitor import KnnMonitor
+<<<<<<< HEAD
 from .stop_signals import StopSignals
+=======
+from .online_probe import OnlineProbe
+>>>>>>> h31b
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +164,8 @@ class RunCallbacks:
     """Every callback of a pre-training run, by name, and the one order they run in (`in_order`).
 
     `MACRLPretrainer` takes them all and reads what its hooks need from them: the clock (the schedules), the
-    momentum update (the logged momentum), the kNN monitor (its results in the next log) and a stream's data positions.
+    momentum update (the logged momentum), the kNN monitor and the online probe (their results in the next log; the
+    probe's training step and resume) and a stream's data positions.
     """
 
     clock: TrainingClock
@@ -170,6 +175,7 @@ class RunCallbacks:
     data_epoch: DataEpochCallback | None = None  # random-access data: a stream counts its own epochs
     data_position: DataPositionCallback | None = None  # a stream
     monitor: KnnMonitor | None = None
+    online_probe: OnlineProbe | None = None
     first_step: FirstStepTimer | None = None
     tensorboard: TrainerCallback | None = None
     push: PushCheckpointCallback | None = None
@@ -187,11 +193,19 @@ class RunCallbacks:
         return None if self.data_position is None else self.data_position.positions
 
     def in_order(self) -> list[TrainerCallback]:
+<<<<<<< HEAD
         # The clock first and the stop signals next (they decide the stop) and the EMA right after them; a stream's
         # data position before AtomicCheckpoints (written into the checkpoint before it is moved into place); the
         # monitor and the last-step log after the stop, so the last step is measured and logged.
         ordered = [
             self.clock, self.stop_signals, self.momentum_update, self.data_position, self.checkpoints, self.monitor,
+=======
+        # The clock first (it decides the stop) and the EMA right after it; a stream's data position and the online
+        # probe before AtomicCheckpoints (written into the checkpoint before it is moved into place); the probe, the
+        # monitor and the last-step log after the clock's stop, so the last step is measured and logged.
+        ordered = [
+            self.clock, self.momentum_update, self.data_position, self.online_probe, self.checkpoints, self.monitor,
+>>>>>>> h31b
             LogLastStepCallback(), self.data_epoch, self.log, self.first_step, self.tensorboard, self.push, *self.extra,
         ]
         return [callback for callback in ordered if callback is not None]

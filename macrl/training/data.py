@@ -53,6 +53,7 @@ class DataOptions:
     limit_images: int | None
     skip_unreadable: bool
     num_workers: int
+    train_labels: bool = False  # the training batches carry their images' labels (`--online-probe`)
 
 
 @dataclass
@@ -234,20 +235,24 @@ def _build_random_access(
             '(--augmentation {"batched": true}); leave "batched" unset'
         )
     augmentation = dataclasses.replace(augmentation, batched=batched)  # results.json records what ran
-    train, collator = _two_views(train_source, augmentation, config, options.seed)
+    train, collator = _two_views(train_source, augmentation, config, options.seed, options.train_labels)
     return PretrainingData(
         train, collator, train_source, eval_source, splits.test_split if own_eval else None, augmentation,
         splits.dataset_type, splits.skipped, len(train), knn_train_source=train_source,
     )
 
 
-def _two_views(source: ImageSource | None, augmentation: AugmentationConfig, config: MACRLConfig, seed: int):
+def _two_views(
+    source: ImageSource | None, augmentation: AugmentationConfig, config: MACRLConfig, seed: int, labels: bool = False
+):
     """The seeded two-view dataset of `source` (None: a stream's, fed image by image) and its DataLoader collate_fn:
-    whole batches augmented in the collate step when `augmentation.batched`, else per-image transforms."""
+    whole batches augmented in the collate step when `augmentation.batched`, else per-image transforms; with
+    `labels`, the batches carry the images' labels (where `source` has them)."""
     if augmentation.batched:
-        return BatchedTwoViewDataset(source, num_patches=config.num_patches, seed=seed), TwoViewCollator(augmentation)
+        dataset = BatchedTwoViewDataset(source, num_patches=config.num_patches, seed=seed, labels=labels)
+        return dataset, TwoViewCollator(augmentation)
     strong, weak = build_strong_transform(augmentation), build_weak_transform(augmentation)
-    return TwoViewDataset(source, strong, weak, num_patches=config.num_patches, seed=seed), None
+    return TwoViewDataset(source, strong, weak, num_patches=config.num_patches, seed=seed, labels=labels), None
 
 
 def _build_streamed(

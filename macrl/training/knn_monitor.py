@@ -15,10 +15,16 @@ from ..image_processing_macrl import MACRLImageProcessor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KnnMonitor", "MEMORY_PER_QUERY"]
+__all__ = ["KnnMonitor", "MEMORY_PER_QUERY", "monitor_queries"]
 
 # training images in the kNN memory per held-out query image
 MEMORY_PER_QUERY = 5
+
+
+def monitor_queries(eval_source: ImageSource, images: int) -> SubsetSource:
+    """The fixed held-out images the live signals (the kNN monitor, the online probe) are measured on: the first
+    `images` of `eval_source` (`--knn-monitor-images`)."""
+    return SubsetSource(eval_source, range(min(images, len(eval_source))), f"{eval_source.name}/monitor")
 
 
 class KnnMonitor(TrainerCallback):
@@ -44,7 +50,7 @@ class KnnMonitor(TrainerCallback):
         skip_unreadable: bool = False,
     ):
         self.processor = processor
-        self.queries = SubsetSource(eval_source, range(min(images, len(eval_source))), f"{eval_source.name}/monitor")
+        self.queries = monitor_queries(eval_source, images)
         self.memory = limit_source(train_source, MEMORY_PER_QUERY * len(self.queries), seed)
         self.every = every
         self.device = device

@@ -9,34 +9,47 @@ import torch
 from ..modeling_macrl import MACRLForPreTraining
 from ..visualization import Tile, draw_grid, to_display
 
-# one panel each, top to bottom: (JSONL key, title); the learning-rate panel also shows the momentum
+# one panel each, top to bottom: (JSONL keys, title); the learning-rate panel also shows the momentum, and the
+# live quality signals share one panel (each line named by its key's label)
 PANELS = (
-    ("loss", "total loss"),
-    ("reconstruction_loss", "reconstruction loss (hidden patches)"),
-    ("contrastive_loss", "contrastive loss (InfoNCE)"),
-    ("learning_rate", "learning rate and EMA momentum"),
-    ("knn_monitor_accuracy", "kNN monitor accuracy (%)"),
+    (("loss",), "total loss"),
+    (("reconstruction_loss",), "reconstruction loss (hidden patches)"),
+    (("contrastive_loss",), "contrastive loss (InfoNCE)"),
+    (("learning_rate",), "learning rate and EMA momentum"),
+    (("knn_monitor_accuracy", "online_probe_accuracy"), "held-out accuracy (%)"),
 )
+LABELS = {"knn_monitor_accuracy": "kNN monitor", "online_probe_accuracy": "online linear probe"}
+
+
+def curve_panels(records: list[dict]) -> list[tuple[list[str], str]]:
+    """The panels `plot_loss_curves` draws for these log records: (the keys of `PANELS` they hold, title), top to
+    bottom, a panel without any of its keys left out."""
+    panels = [([key for key in keys if any(key in record for record in records)], title) for keys, title in PANELS]
+    return [(keys, title) for keys, title in panels if keys]
 
 
 def plot_loss_curves(log_path: Path, output_path: Path) -> Path:
     """The run's curves from its JSONL log, one panel per quantity on its own real y axis, against the step: the
-    losses, the learning rate with the momentum (right axis), and the kNN monitor when the run had it."""
+    losses, the learning rate with the momentum (right axis), and the kNN monitor and the online probe, side by side
+    on one panel, when the run had them."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: a file, never a window
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    panels = [(key, title) for key, title in PANELS if any(key in record for record in records)]
+    panels = curve_panels(records)
     figure, axes = plt.subplots(max(len(panels), 1), 1, figsize=(8, 2.2 * max(len(panels), 1)), sharex=True,
                                 squeeze=False)
-    for axis, (key, title) in zip(axes[:, 0], panels):
-        steps, values = zip(*[(record["step"], record[key]) for record in records if key in record])
-        axis.plot(steps, values, marker="o" if len(steps) < 20 else None, color="tab:blue")
+    for axis, (keys, title) in zip(axes[:, 0], panels):
+        for key, color in zip(keys, ("tab:blue", "tab:green")):
+            steps, values = zip(*[(record["step"], record[key]) for record in records if key in record])
+            axis.plot(steps, values, marker="o" if len(steps) < 20 else None, color=color, label=LABELS.get(key))
+        if any(key in LABELS for key in keys):
+            axis.legend(fontsize=8, loc="lower right")
         axis.set_title(title, fontsize=10, loc="left")
         axis.grid(alpha=0.3)
-        if key == "learning_rate":
+        if keys == ["learning_rate"]:
             momentum = [(record["step"], record["momentum"]) for record in records if "momentum" in record]
             if momentum:
                 twin = axis.twinx()

@@ -29,6 +29,7 @@ from ..data import AugmentationConfig
 from ..devices import default_num_workers, has_fused_adamw, has_tf32, resolve_device
 from ..distributed import process_layout
 from ..errors import InputError, first_line
+from ..evaluation.finetune import activation_checkpointing_arguments
 from ..precision import cpu_runs_bf16_fast, slow_precision_warning
 from ..presets import base_learning_rate, load_config
 from .arguments import PretrainingArguments
@@ -171,7 +172,7 @@ def plan_run(args: PretrainingArguments, device: torch.device | None = None) -> 
             data=args.data, eval_data=args.eval_data, eval_split=args.eval_split, eval_images=args.eval_images,
             hold_out=args.knn, seed=args.seed, streaming=args.streaming, shuffle_buffer=args.shuffle_buffer,
             image_column=args.image_column, label_column=args.label_column, limit_images=args.limit_images,
-            skip_unreadable=args.skip_unreadable, num_workers=workers,
+            skip_unreadable=args.skip_unreadable, num_workers=workers, train_labels=args.online_probe,
         ),
         device=device,
         processes=processes,
@@ -256,7 +257,7 @@ def build_training_arguments(
     """The stock `TrainingArguments` of a run: MAE's optimiser settings, the plan's learning rate, checkpoints staged
     under the plan's checkpoint folder (`AtomicCheckpoints` keeps `--save-total-limit` of them), and what the device
     offers: on CUDA pinned host memory with non-blocking copies, TF32 matmuls (Ampere and newer), the fused AdamW,
-    data-loading workers for the GPU. A `streamed` run resumes its data from the checkpoint's data position, not by
+    data-loading workers for the GPU; `--gradient-checkpointing` as the Trainer turns it on. A `streamed` run resumes its data from the checkpoint's data position, not by
     the stock Trainer's skipping (`ignore_data_skip`)."""
     device = plan.device
     accelerated = device.type != "cpu"
@@ -309,4 +310,5 @@ def build_training_arguments(
         disable_tqdm=False,
         log_level="warning",
         ignore_data_skip=streamed,
+        **activation_checkpointing_arguments(args.gradient_checkpointing),
     )

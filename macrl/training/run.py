@@ -7,7 +7,8 @@ signal, naming the checkpoint it wrote) and logs what it does to the `macrl` log
 
 OUTPUT_DIR receives: the full pre-training model (`save_pretrained`: main and momentum branches), `encoder/` (the
 `MACRLModel` users download, with its image processor and model card), `checkpoints/`, `logs/train_log.jsonl`,
-`pictures/` (loss curves, reconstructions, attention maps, feature PCA) and `results.json`.
+`pictures/` (loss curves, reconstructions, attention maps, feature PCA) and `results.json`. An `--online-probe`
+classifier lives in the checkpoints only.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from ..atomic_files import atomic_path
 from ..data import UnreadableImageError, build_eval_transform
 from ..data.shards import UnreadableShardError
 from ..data.streaming_two_view_dataset import StreamPositions
+<<<<<<< HEAD
 from ..errors import OutputWriteError, RunStopped, first_line
+=======
+from ..errors import first_line
+from ..evaluation.finetune import enable_checkpointing, is_checkpointing
+from ..evaluation.labels import num_classes_of
+>>>>>>> h31b
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
 from ..openmp_waiting import openmp_wait_policy
@@ -47,6 +54,7 @@ from .checkpoints import STAGING_DIR, AtomicCheckpoints, last_complete_checkpoin
 from .data import PretrainingData, build_pretraining_data
 from .final_evaluation import final_evaluation
 from .knn_monitor import KnnMonitor
+from .online_probe import OnlineProbe
 from .pictures import plot_loss_curves, reconstruction_grid
 from .plan import (
     PretrainingError,
@@ -77,6 +85,8 @@ def run_pretraining(args: PretrainingArguments) -> dict:
         logger.info("skipping %d unreadable images, e.g. %s: %s", len(data.skipped), *data.skipped[0])
     set_seed(args.seed)
     model = MACRLForPreTraining(plan.config)
+    if args.gradient_checkpointing:  # before a budget's timing of real steps, so that it times the run's steps
+        enable_checkpointing(model)
     steps = plan_steps(args, plan, data, model)
 
     # build: the Trainer's arguments, the release of the encoder, the callbacks, the Trainer
@@ -240,6 +250,7 @@ def _callbacks(
         data_epoch=None if data.streamed else DataEpochCallback(data.train),
         data_position=data_position,
         monitor=_knn_monitor(args, plan, data, release.processor),
+        online_probe=_online_probe(args, plan, data, release.processor),
         first_step=FirstStepTimer(started),
         tensorboard=tensorboard,
         push=push,
@@ -258,6 +269,30 @@ def _knn_monitor(
         return None
     return KnnMonitor(
         processor, *sources, every=args.knn_every, images=args.knn_monitor_images, seed=args.seed,
+        device=plan.device, skip_unreadable=args.skip_unreadable,
+    )
+
+
+def _online_probe(
+    args: PretrainingArguments, plan: RunPlan, data: PretrainingData, processor: MACRLImageProcessor
+) -> OnlineProbe | None:
+    """The `--online-probe` classifier, where the training batches carry labels of the held-out images' classes."""
+    if not args.online_probe:
+        return None
+    train, evaluation = data.train_source, data.labelled_evaluation()
+    problem = None
+    if train is None or train.labels is None:
+        problem = "the training images have no labels (a stream, or a folder without class subfolders)"
+    elif evaluation is None:
+        problem = "the data has no labelled held-out images (see --eval-data)"
+    elif train.class_names and evaluation[1].class_names and train.class_names != evaluation[1].class_names:
+        problem = "the held-out images (--eval-data) have other classes than the training images"
+    if problem is not None:
+        logger.warning("--online-probe: %s; the online probe is off", problem)
+        return None
+    return OnlineProbe(
+        processor, evaluation[1], hidden_size=plan.config.hidden_size, num_classes=num_classes_of(train, evaluation[1]),
+        every=args.knn_every if args.knn_every > 0 else args.logging_steps, images=args.knn_monitor_images,
         device=plan.device, skip_unreadable=args.skip_unreadable,
     )
 
@@ -299,6 +334,11 @@ def _training_results(
     if callbacks.monitor is not None:
         results["knn_monitor_seconds"] = round(callbacks.monitor.seconds, 2)
         results["knn_monitor_last"] = callbacks.monitor.last
+    if callbacks.online_probe is not None:
+        results["online_probe_seconds"] = round(callbacks.online_probe.seconds, 2)
+        results["online_probe_eval_seconds"] = round(callbacks.online_probe.eval_seconds, 2)
+        results["online_probe_last"] = callbacks.online_probe.last
+    results["gradient_checkpointing"] = is_checkpointing(trainer.model)  # what the model trained with
     return results
 
 

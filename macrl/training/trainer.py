@@ -8,7 +8,10 @@ What MACRL adds to the stock `transformers.Trainer`, through its public hooks on
 - the EMA update of the momentum branch after every optimiser step (`MomentumUpdateCallback`, whose current
   coefficient goes into the logs);
 - the logs carry the loss of the global batch (averaged over processes), its reconstruction and contrastive parts,
-  the EMA momentum, images/s and the kNN monitor (`KnnMonitor`, when given), and the last step is always logged;
+  the EMA momentum, images/s, the kNN monitor (`KnnMonitor`) and the online probe (`OnlineProbe`), when given, and
+  the last step is always logged;
+- an online probe trains on the detached pooled features of every batch's main-process share, with the batch's
+  labels (which never reach the model), and resumes from the checkpoint a run resumes from;
 - checkpoints are staged and renamed into place whole (`AtomicCheckpoints`: the `TrainingArguments.output_dir` is
   the staging folder `<checkpoint_dir>/.staging`);
 - resuming from a checkpoint with a missing or truncated file raises `CheckpointError`, and resuming from one at the
@@ -53,6 +56,7 @@ class MACRLPretrainer(Trainer):
         self.clock = run_callbacks.clock
         self.momentum_update = run_callbacks.momentum_update
         self.monitor = run_callbacks.monitor
+        self.online_probe = run_callbacks.online_probe
         self.stream_positions = run_callbacks.stream_positions
         if isinstance(kwargs.get("train_dataset"), StreamingTwoViewDataset) and self.stream_positions is None:
             raise ValueError("a streamed dataset keeps its data position in every checkpoint: give RunCallbacks a "
@@ -82,6 +86,8 @@ class MACRLPretrainer(Trainer):
                 self._resume_stream(resume_from_checkpoint)
             self._resumed_step = TrainerState.load_from_json(
                 os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)).global_step
+            if self.online_probe is not None and self.is_world_process_zero():
+                self.online_probe.load(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _resume_stream(self, checkpoint) -> None:
@@ -151,9 +157,12 @@ class MACRLPretrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         position = inputs.pop("data_position", None)
+        labels = inputs.pop("labels", None)  # an online probe's, not the model's
         outputs = model(**inputs)
         if position is not None and self.stream_positions is not None:
             self.stream_positions.record(position)
+        if labels is not None and self.online_probe is not None and self.is_world_process_zero():
+            self.online_probe.train_step(outputs.pooler_output, labels)
         for name in ("loss", "reconstruction_loss", "contrastive_loss"):
             value = getattr(outputs, name).detach().float()
             self._loss_parts[name] = self._loss_parts.get(name, 0.0) + value
@@ -171,6 +180,8 @@ class MACRLPretrainer(Trainer):
                 logs["momentum"] = round(self.momentum_update.momentum, 6)
             if self.monitor is not None:
                 logs.update(self.monitor.pop())
+            if self.online_probe is not None:
+                logs.update(self.online_probe.pop())
             now, step = time.monotonic(), self.state.global_step
             last_time, last_step = self._last_log
             if step > last_step:
