@@ -21,11 +21,8 @@ from ..write_failures import writing
 from .budget import BudgetProgressCallback, TrainingClock
 from .checkpoints import AtomicCheckpoints
 from .knn_monitor import KnnMonitor
-<<<<<<< HEAD
-from .stop_signals import StopSignals
-=======
 from .online_probe import OnlineProbe
->>>>>>> h31b
+from .stop_signals import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -193,19 +190,13 @@ class RunCallbacks:
         return None if self.data_position is None else self.data_position.positions
 
     def in_order(self) -> list[TrainerCallback]:
-<<<<<<< HEAD
         # The clock first and the stop signals next (they decide the stop) and the EMA right after them; a stream's
-        # data position before AtomicCheckpoints (written into the checkpoint before it is moved into place); the
-        # monitor and the last-step log after the stop, so the last step is measured and logged.
+        # data position and the online probe before AtomicCheckpoints (written into the checkpoint before it is moved
+        # into place); the probe, the monitor and the last-step log after the stop, so the last step is measured and
+        # logged.
         ordered = [
-            self.clock, self.stop_signals, self.momentum_update, self.data_position, self.checkpoints, self.monitor,
-=======
-        # The clock first (it decides the stop) and the EMA right after it; a stream's data position and the online
-        # probe before AtomicCheckpoints (written into the checkpoint before it is moved into place); the probe, the
-        # monitor and the last-step log after the clock's stop, so the last step is measured and logged.
-        ordered = [
-            self.clock, self.momentum_update, self.data_position, self.online_probe, self.checkpoints, self.monitor,
->>>>>>> h31b
+            self.clock, self.stop_signals, self.momentum_update, self.data_position, self.online_probe,
+            self.checkpoints, self.monitor,
             LogLastStepCallback(), self.data_epoch, self.log, self.first_step, self.tensorboard, self.push, *self.extra,
         ]
         return [callback for callback in ordered if callback is not None]

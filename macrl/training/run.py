@@ -28,13 +28,9 @@ from ..atomic_files import atomic_path
 from ..data import UnreadableImageError, build_eval_transform
 from ..data.shards import UnreadableShardError
 from ..data.streaming_two_view_dataset import StreamPositions
-<<<<<<< HEAD
 from ..errors import OutputWriteError, RunStopped, first_line
-=======
-from ..errors import first_line
 from ..evaluation.finetune import enable_checkpointing, is_checkpointing
 from ..evaluation.labels import num_classes_of
->>>>>>> h31b
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
 from ..openmp_waiting import openmp_wait_policy
