@@ -269,3 +269,16 @@ def test_slurm_recipe_stops_requeues_and_resumes(tmp_path):
     assert requeued.wait(timeout=TIMEOUT) == 0, _stderr(out)[-3000:]
     assert json.loads((out / "results.json").read_text())["steps"] == 30
     assert "resuming" in _stderr(out) and (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
+
+
+def test_a_run_with_data_workers_exits_when_it_is_done(tmp_path):
+    # the workers ignore SIGTERM, which multiprocessing's exit handler sends the daemonic children still alive before
+    # it joins them: the Trainer's persistent workers hung the main job at exit, its results written
+    out = tmp_path / "run"
+    try:
+        done = subprocess.run(run_command(out, 4, "--num-workers", "1"), env=ENV,
+                              capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run did not exit within 180 s of starting (4 tiny steps)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "results.json").is_file()

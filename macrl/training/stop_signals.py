@@ -15,8 +15,10 @@ process's to act on.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -108,7 +110,16 @@ class StopSignals(TrainerCallback):
     def worker_init_fn(self, init_fn: Callable[[int], None] | None = None) -> Callable[[int], None]:
         """A DataLoader `worker_init_fn` that makes the worker ignore these signals, then calls `init_fn`: a signal
         sent to every process of the run (Ctrl-C, SLURM's, `kill -- -PGID`) would otherwise kill the workers (torch
-        gives them its own SIGTERM handler, which dies) before the training process finishes its step."""
+        gives them its own SIGTERM handler, which dies) before the training process finishes its step.
+
+        Workers that ignore SIGTERM outlive `multiprocessing`'s exit handler, which terminates (SIGTERM) the daemonic
+        children still alive at exit and then joins them: a DataLoader whose workers were not shut down before (the
+        Trainer's persistent ones) would hang the process at exit. So the training process kills them first."""
+        if self.signals:
+            # atexit runs its handlers last-registered first: this one before multiprocessing's own (registering it
+            # again replaces nothing, so it is unregistered first)
+            atexit.unregister(_kill_workers_at_exit)
+            atexit.register(_kill_workers_at_exit)
         return functools.partial(_ignore_in_worker, self.signals, init_fn)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -147,3 +158,11 @@ def _ignore_in_worker(
         signal.signal(chosen, signal.SIG_IGN)
     if init_fn is not None:
         init_fn(worker_id)
+
+
+def _kill_workers_at_exit() -> None:
+    """Kill the daemonic child processes (DataLoader workers) still alive at exit: they ignore SIGTERM."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
