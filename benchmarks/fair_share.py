@@ -1,14 +1,18 @@
 """The main job's share of a CPU that other work shares: OpenMP's waiting and the thread count, quiet and under load.
 
-    python benchmarks/fair_share.py                      # 4 settings x (quiet, 2 busy processes), 2 rounds
+    python benchmarks/fair_share.py                      # 7 settings x (quiet, 2 busy processes), 2 rounds
+    python benchmarks/fair_share.py --settings "macrl's commands" passive   # against libgomp default only
     python benchmarks/fair_share.py --steps 40 --rounds 1
 
 Each cell is a real `python -m macrl.pretrain --max-steps STEPS --no-knn --bf16` (the main job's model and data) in a
 fresh process, its images/s read from results.json (the Trainer's count over the whole training loop). The settings:
 
+* `macrl's commands`: no setting, so the command chooses (`macrl.openmp_waiting`): a short spin where nothing else
+  runs when it starts, passive waiting beside other work;
 * `libgomp default`: OpenMP threads spin for a while at every barrier before they sleep (`GOMP_SPINCOUNT=300000`,
   libgomp's value when `OMP_WAIT_POLICY` is unset; setting it keeps macrl's command default away);
-* `passive` (macrl's commands: `macrl.openmp_waiting`): `OMP_WAIT_POLICY=PASSIVE`, threads sleep at once;
+* `spin 10,000` and `spin 1,000`: `GOMP_SPINCOUNT`, a shorter spin before sleeping (10,000: macrl's quiet choice);
+* `passive`: `OMP_WAIT_POLICY=PASSIVE`, threads sleep at once (macrl's choice beside other work);
 * `1 thread`, default and passive: `OMP_NUM_THREADS=1`.
 
 The load is `--load` busy processes (pure Python loops, one core each), started before the run and stopped after.
@@ -29,8 +33,11 @@ import tempfile
 from pathlib import Path
 
 SETTINGS = {
+    "macrl's commands": {},
     "libgomp default": {"GOMP_SPINCOUNT": "300000"},
-    "passive (macrl)": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin 10,000": {"GOMP_SPINCOUNT": "10000"},
+    "spin 1,000": {"GOMP_SPINCOUNT": "1000"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread, default": {"GOMP_SPINCOUNT": "300000", "OMP_NUM_THREADS": "1"},
     "1 thread, passive": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
 }
@@ -67,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="runs per cell, in turns (default: 2)")
     parser.add_argument("--load", type=int, default=2, help="busy processes for the loaded column (default: 2)")
     parser.add_argument("--num-workers", type=int, default=1, help="data workers, as the main job (default: 1)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), metavar="SETTING",
+                        help=f"the settings to measure (default: all of {', '.join(SETTINGS)})")
     args = parser.parse_args(argv)
+    settings = {name: SETTINGS[name] for name in dict.fromkeys(["libgomp default", *args.settings])}
     print(f"CPU: {cpu_name()}; {args.steps} steps of `macrl-pretrain --bf16`, {args.num_workers} data worker(s)",
           flush=True)
     speeds: dict[tuple[int, str], list[float]] = {}
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(load)]
         try:
             for _ in range(args.rounds):
-                for name, setting in SETTINGS.items():
+                for name, setting in settings.items():
                     speed = images_per_second(setting, args.steps, args.num_workers)
                     speeds.setdefault((load, name), []).append(speed)
                     print(f"  load {load}, {name}: {speed:.0f} img/s", file=sys.stderr, flush=True)
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 process.wait()
     print("| setting | quiet img/s | vs default | " + f"{args.load} busy processes img/s | vs default |")
     print("|---|---|---|---|---|")
-    for name in SETTINGS:
+    for name in settings:
         cells = []
         for load in (0, args.load):
             median = statistics.median(speeds[(load, name)])

@@ -7,10 +7,10 @@ folders (and a `MACRLConfig` serves as the `backbone_config` of dense-prediction
 `trust_remote_code=True` needs where macrl is absent.
 """
 
-# first of all: a macrl command's OpenMP waits passively (it reads its settings when torch is loaded)
-from .openmp_waiting import wait_passively_in_commands
+# first of all: how a macrl command's OpenMP threads wait (OpenMP reads its settings when torch is loaded)
+from .openmp_waiting import choose_waiting_in_commands
 
-wait_passively_in_commands()
+choose_waiting_in_commands()
 
 from transformers import (  # noqa: E402
     AutoBackbone,

@@ -33,7 +33,7 @@ from ..evaluation.finetune import enable_checkpointing, is_checkpointing
 from ..evaluation.labels import num_classes_of
 from ..image_processing_macrl import MACRLImageProcessor
 from ..modeling_macrl import MACRLForPreTraining
-from ..openmp_waiting import openmp_wait_policy
+from ..openmp_waiting import openmp_waiting
 from ..visualization import encoder_pictures
 from ..write_failures import write_failure, writing
 from .arguments import PretrainingArguments
@@ -316,7 +316,7 @@ def _training_results(
         "bf16": steps.bf16,
         "fp16": args.fp16,
         "num_workers": plan.num_workers,
-        "omp_wait_policy": openmp_wait_policy(),
+        "openmp_waiting": openmp_waiting(),
         "seconds_to_first_step": None if first_step is None else round(first_step, 2),
         "final_learning_rate": learning_rates[-1] if learning_rates else None,
         "final_momentum": trainer.momentum_update.momentum,
