@@ -2,12 +2,12 @@
 
 PyTorch's CPU kernels run on OpenMP (GNU libgomp in the pip wheels), whose threads, by default, spin 300,000 times at
 every barrier before they sleep. On a machine that other processes share, a spinning thread burns the time slice of
-a thread that has work, and every barrier waits for the thread that lost its core: beside two busy processes on
-2 cores, the main job ran at 321 images/s with the default waiting and at 690 with `OMP_WAIT_POLICY=PASSIVE` (threads
-sleep at once), the fair share of the cores. Quiet, passive waiting costs 16% (1153-1182 against 1350-1422 images/s:
-a woken thread starts late), and a short spin, `GOMP_SPINCOUNT=10000`, costs nothing (1387-1416) and keeps most of
-the gain under load (552). So a command looks at the CPU when it starts: when nothing else is running it spins
-briefly, otherwise it waits passively (benchmarks/results/fair-share.md has the table, per CPU).
+a thread that has work, and every barrier waits for the thread that lost its core: beside two busy processes the
+main job runs at less than half its fair share of the cores with the default waiting, and at about its fair share
+with `OMP_WAIT_POLICY=PASSIVE` (threads sleep at once). On a quiet CPU passive waiting is slower (a woken thread
+starts late), while a short spin, `GOMP_SPINCOUNT=10000`, is as fast as the default and keeps most of the gain under
+load. So a command looks at the CPU when it starts: when nothing else is running it spins briefly, otherwise it waits
+passively (benchmarks/results/fair-share.md has the tables, per CPU).
 
 libgomp reads its settings once, when it is loaded, that is when `torch` is first imported; so they are set here, by
 `macrl/__init__.py` before it imports anything that imports torch, and only in the processes of a macrl command

@@ -93,7 +93,8 @@ def test_a_step_based_clock_counts_steps_and_never_stops_the_run():
 def test_a_budget_clock_follows_the_time_and_stops_the_run_when_it_is_spent():
     clock, state = TrainingClock(max_minutes=1.0), TrainerState(max_steps=1000)
     clock.on_train_begin(None, state, TrainerControl())
-    clock.started -= 30  # half of the minute spent, one step of 1000 done: the time is further along
+    _step(clock, state)  # a first step of no time
+    clock.started -= 30  # half of the minute spent, two steps of 1000 done: the time is further along
     control = _step(clock, state)
     assert clock.progress == pytest.approx(0.5, abs=0.01) and not control.should_training_stop
     clock.started -= 31  # the minute is spent: the run stops and saves, though the steps are not done
@@ -106,6 +107,31 @@ def test_a_budget_clock_follows_the_time_and_stops_the_run_when_it_is_spent():
     for _ in range(4):
         _step(fast, state)
     assert fast.progress == 1.0 and not fast.stopped_by_budget
+
+
+def test_a_slow_first_step_counts_against_the_budget_but_not_in_the_schedules(tmp_path):
+    """A compile in the first step (a minute on 2 cores) would otherwise spend the warm-up before training starts."""
+    clock, state = TrainingClock(max_minutes=1.0), TrainerState(max_steps=1000)
+    clock.on_train_begin(None, state, TrainerControl())
+    clock.started -= 20  # the first step takes 20 s of the minute
+    _step(clock, state)
+    assert clock.startup == pytest.approx(20, abs=0.5) and clock.progress == pytest.approx(1 / 1000, abs=0.01)
+    clock.started -= 20  # half of the 40 s left: half of the schedules
+    control = _step(clock, state)
+    assert clock.progress == pytest.approx(0.5, abs=0.02) and not control.should_training_stop
+    clock.started -= 20  # the minute is spent, first step included: the run stops
+    control = _step(clock, state)
+    assert clock.progress == 1.0 and control.should_training_stop
+    # a checkpoint keeps the first steps' time, and a resumed process adds its own first step to it
+    TrainerState(global_step=3, max_steps=1000, stateful_callbacks=[clock]).save_to_json(tmp_path / "state.json")
+    saved = TrainerState.load_from_json(tmp_path / "state.json")
+    assert TrainingClock.saved_in(saved).startup_seconds == pytest.approx(20, abs=0.5)
+    resumed = TrainingClock(max_minutes=2.0)
+    resumed.on_train_begin(None, saved, TrainerControl())
+    resumed.started -= 10  # its own first step: 10 s more of startup
+    _step(resumed, saved)
+    assert resumed.startup_seconds() == pytest.approx(30, abs=1)
+    assert resumed.progress == pytest.approx((70 - 30) / (120 - 30), abs=0.02)
 
 
 def test_the_clock_saves_its_time_and_precision_and_a_resumed_run_counts_them(tmp_path):

@@ -113,6 +113,7 @@ class ClockState:
 
     spent_seconds: float = 0.0  # training time spent up to the checkpoint
     bf16: bool | None = None  # the precision the run chose at its start (None: a checkpoint that does not say)
+    startup_seconds: float = 0.0  # of the time spent, the first step of each process (compiling, warming caches)
 
 
 class TrainingClock(TrainerCallback, ExportableState):
@@ -123,8 +124,10 @@ class TrainingClock(TrainerCallback, ExportableState):
     whichever is further along, the training time spent or the steps (`max(spent / budget, step / max_steps)`), so a
     run slowed down by other load still finishes its warm-up, cosine decay and momentum schedule when the budget
     ends, and one that runs faster than its probe finishes them at its last step; the run stops once the budget is
-    spent. The time spent is saved in every checkpoint (`TrainerState.stateful_callbacks`), so a resumed run keeps
-    its budget. With several processes, rank 0's clock is broadcast every step over a gloo (CPU) group: the same
+    spent. The time of each process's first step (a `torch.compile`, caches warming up: a minute on 2 cores) counts
+    against the budget but not in the schedules' time, which runs over what is left (`(spent - startup) / (budget -
+    startup)`): a compiled run warms up over its first steps, not during its compile. The time spent is saved in
+    every checkpoint (`TrainerState.stateful_callbacks`), so a resumed run keeps its budget. With several processes, rank 0's clock is broadcast every step over a gloo (CPU) group: the same
     progress on every process, and no device synchronisation.
     """
 
@@ -132,6 +135,8 @@ class TrainingClock(TrainerCallback, ExportableState):
         self.max_minutes = max_minutes
         self.bf16 = bf16  # the precision the run chose at its start, which a resume keeps
         self.spent_before = 0.0  # seconds spent by the processes that trained before a resume
+        self.startup_before = 0.0  # of those, their first steps
+        self.startup: float | None = None  # this process's first step, once it is done
         self.started: float | None = None
         self.progress = 0.0
         self.stopped_by_budget = False
@@ -149,7 +154,8 @@ class TrainingClock(TrainerCallback, ExportableState):
         """What goes into each checkpoint; `saved_in` reads it back."""
         return {
             "args": {"max_minutes": self.max_minutes, "bf16": self.bf16},
-            "attributes": {"spent_seconds": self.spent_seconds(), "bf16": self.bf16},
+            "attributes": {"spent_seconds": self.spent_seconds(), "bf16": self.bf16,
+                           "startup_seconds": self.startup_seconds()},
         }
 
     @classmethod
@@ -160,12 +166,13 @@ class TrainingClock(TrainerCallback, ExportableState):
         if not isinstance(saved, dict):
             return None
         attributes = saved.get("attributes", {})
-        return ClockState(float(attributes.get("spent_seconds", 0.0)), attributes.get("bf16"))
+        return ClockState(float(attributes.get("spent_seconds", 0.0)), attributes.get("bf16"),
+                          float(attributes.get("startup_seconds", 0.0)))
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = self.saved_in(state)
         if state.global_step > 0 and saved is not None:  # resumed: the time spent before counts
-            self.spent_before = saved.spent_seconds
+            self.spent_before, self.startup_before = saved.spent_seconds, saved.startup_seconds
         if is_distributed():
             self._group = host_group()
         self.started = time.monotonic()
@@ -175,12 +182,22 @@ class TrainingClock(TrainerCallback, ExportableState):
         by_steps = step / max(max_steps, 1)
         if self.budget_seconds is None:
             return min(by_steps, 1.0)
-        spent = torch.tensor(self.spent_seconds(), dtype=torch.float64)
+        seconds = torch.tensor([self.spent_seconds(), self.startup_seconds()], dtype=torch.float64)
         if is_distributed():
-            dist.broadcast(spent, src=0, group=self._group)
-        return min(max(spent.item() / self.budget_seconds, by_steps), 1.0)
+            dist.broadcast(seconds, src=0, group=self._group)
+        spent, startup = seconds.tolist()
+        if spent >= self.budget_seconds:
+            return 1.0
+        by_time = max(spent - startup, 0.0) / max(self.budget_seconds - startup, 1e-9)
+        return min(max(by_time, by_steps), 1.0)
+
+    def startup_seconds(self) -> float:
+        """The first steps' time so far (each process's), which the schedules do not count."""
+        return self.startup_before + (self.startup or 0.0)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.startup is None and self.started is not None:  # this process's first step is done
+            self.startup = time.monotonic() - self.started
         # before the scheduler steps: the learning rate of the next step follows the progress after this one
         self.progress = self._progress_at(state.global_step + 1, state.max_steps)
 
@@ -200,8 +217,9 @@ def warmup_cosine(progress: float, warmup: float) -> float:
 
 
 class BudgetProgressCallback(ProgressCallback):
-    """The progress bar of a budget run (`--max-minutes`): the budget's seconds, as far as the clock's progress (what
-    the schedules follow) has gone, with the step beside them.
+    """The progress bar of a budget run (`--max-minutes`): the budget's seconds, as far as the time spent or the
+    clock's progress (what the schedules follow, ahead of the time where the steps are) has gone, with the step
+    beside them.
 
     The stock bar counts to the Trainer's `max_steps`, which for a budget run is a cap of `STEP_HEADROOM` times the
     fitted steps: a 10-minute run would show 2402 steps and a 15-minute ETA. The Trainer's own bar is replaced by
@@ -217,14 +235,17 @@ class BudgetProgressCallback(ProgressCallback):
             total = round(self.clock.budget_seconds)
             # a resumed run starts where its clock stands
             self.training_bar = tqdm(
-                total=total, initial=min(round(self.clock.progress * total), total), unit="s", dynamic_ncols=True,
+                total=total, initial=self._seconds_done(total), unit="s", dynamic_ncols=True,
                 desc=f"{self.clock.max_minutes:g}-minute budget",
             )
         self.current_step = state.global_step
 
+    def _seconds_done(self, total: int) -> int:
+        return min(round(max(self.clock.spent_seconds(), self.clock.progress * total)), total)
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            done = min(round(self.clock.progress * self.training_bar.total), self.training_bar.total)
+            done = self._seconds_done(self.training_bar.total)
             self.training_bar.set_postfix_str(f"step {state.global_step}", refresh=False)
             self.training_bar.update(done - self.training_bar.n)
         self.current_step = state.global_step
