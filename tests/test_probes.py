@@ -19,6 +19,7 @@ from macrl.evaluate import main as eval_main
 from macrl.evaluation import evaluate_features, knn_accuracy
 from macrl.evaluation.frozen_features import DINOV2, dinov2_linear_features
 from macrl.evaluation.label_subsets import fraction_name, labelled_subset
+from macrl.evaluation.linear_probe import validation_rows
 from macrl.model_card import accuracy_metrics
 from macrl.pretrain import format_report
 from macrl.pretrain import main as pretrain_main
@@ -89,6 +90,9 @@ def test_a_labelled_subset_too_small_for_the_probes_validation_split_gets_the_kn
     assert "knn_accuracy_cls_1pct" in results and "linear_probe_accuracy_cls_1pct" not in results
     assert "linear_probe_accuracy_cls_25pct" in results  # 24 images: 2 held out for the search
     assert "no 1pct linear probe: 1% of the labels is 4 images" in caplog.text
+    # the rule is the probe's own: a tenth of the rows, rounded, held out, and at least one row on each side
+    assert [validation_rows(rows) for rows in (1, 4, 5, 6, 24)] == [None, None, None, 1, 2]
+    assert validation_rows(2, val_fraction=0.5) == 1 and validation_rows(10, val_fraction=0.99) is None
 
 
 @pytest.fixture(scope="module")

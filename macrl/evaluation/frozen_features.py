@@ -38,12 +38,9 @@ from .knn import knn_accuracy
 from .labels import EvaluationDataError, check_labelled, num_classes_of
 from .label_subsets import check_fractions, fraction_name, labelled_subset
 from .linear_probe import linear_probe as fit_linear_probe
+from .linear_probe import VAL_FRACTION, validation_rows
 
 logger = logging.getLogger(__name__)
-
-# the linear probe holds out 10% of its training rows to choose its lr and weight decay: a labelled subset of fewer
-# rows than this leaves the search no validation row, so that fraction gets the kNN only
-_MIN_PROBE_ROWS = 10
 
 __all__ = ["DINOV2", "DINOV2_LAST_BLOCKS", "POOLS", "RAW_PIXELS_MAX_VALUES", "dinov2_linear_features",
            "evaluate_encoder", "evaluate_features", "evaluate_raw_pixels", "extract_pooled_features"]
@@ -217,7 +214,10 @@ def evaluate_features(
                 )
                 seconds["knn"] += time.perf_counter() - started
                 results[f"knn_accuracy_{pool}{suffix}"] = round(accuracy, 4)
-            if linear_probe and rows is not None and len(rows) < _MIN_PROBE_ROWS:
+            # the probe holds out some of its rows to choose its lr and weight decay: a labelled subset too small
+            # to leave it a validation row gets the kNN only
+            val_fraction = dict(linear_probe_kwargs or {}).get("val_fraction", VAL_FRACTION)
+            if linear_probe and rows is not None and validation_rows(len(rows), val_fraction) is None:
                 logger.warning(
                     "no %s linear probe: %s of the labels is %d images, too few to hold out a validation split",
                     suffix[1:], suffix[1:].replace("pct", "%"), len(rows),

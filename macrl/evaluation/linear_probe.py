@@ -40,7 +40,10 @@ import torch
 from .knn import check_features, check_labels, check_num_classes, check_same_dim
 from .labels import EvaluationDataError
 
-__all__ = ["LinearProbeResult", "linear_probe"]
+__all__ = ["LinearProbeResult", "VAL_FRACTION", "linear_probe", "validation_rows"]
+
+# the share of the training rows held out to choose the lr and weight decay
+VAL_FRACTION = 0.1
 
 # eps inside the sqrt, as in BatchNorm: constant feature dimensions become 0
 # instead of NaN.
@@ -172,6 +175,13 @@ def _accuracy_per_run(
 # --------------------------------------------------------------------------- #
 # Public API
 # --------------------------------------------------------------------------- #
+def validation_rows(num_train: int, val_fraction: float = VAL_FRACTION) -> int | None:
+    """The training rows the probe holds out to choose its lr and weight decay (`round(val_fraction * num_train)`),
+    or None where that leaves no validation row or no row to fit (too few labelled rows to probe)."""
+    num_val = round(val_fraction * num_train)
+    return num_val if 1 <= num_val < num_train else None
+
+
 @torch.no_grad()
 def linear_probe(
     train_features: torch.Tensor,
@@ -181,7 +191,7 @@ def linear_probe(
     num_classes: int,
     lrs: tuple[float, ...] = (0.01, 0.1, 1.0),
     weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2),
-    val_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     epochs: int = 20,
     batch_size: int = 1024,
     seed: int = 0,
@@ -233,7 +243,7 @@ def linear_probe(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     num_train = train_features.shape[0]
     num_val = round(val_fraction * num_train)
-    if num_val < 1 or num_val >= num_train:
+    if validation_rows(num_train, val_fraction) is None:
         raise EvaluationDataError(
             f"val_fraction={val_fraction} of {num_train} training rows leaves "
             f"{num_val} validation and {num_train - num_val} fitting rows; both must be >= 1"
