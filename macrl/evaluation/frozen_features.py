@@ -199,6 +199,10 @@ def evaluate_features(
     subsets = {"": None}  # "" is every label; then each fraction's indices into the training rows
     for fraction in check_fractions(label_fractions):
         subsets[f"_{fraction_name(fraction)}"] = labelled_subset(train_labels, fraction, seed).to(train_labels.device)
+    probe_kwargs = dict(linear_probe_kwargs or {})
+    # the probe holds out some of its rows to choose its lr and weight decay: a labelled subset too small to leave it
+    # a validation row gets the kNN only
+    val_fraction = probe_kwargs.get("val_fraction", VAL_FRACTION)
     results: dict[str, Any] = {}
     seconds = {"knn": 0.0, "linear_probe": 0.0}
     for pool, train in train_features.items():
@@ -214,9 +218,6 @@ def evaluate_features(
                 )
                 seconds["knn"] += time.perf_counter() - started
                 results[f"knn_accuracy_{pool}{suffix}"] = round(accuracy, 4)
-            # the probe holds out some of its rows to choose its lr and weight decay: a labelled subset too small
-            # to leave it a validation row gets the kNN only
-            val_fraction = dict(linear_probe_kwargs or {}).get("val_fraction", VAL_FRACTION)
             if linear_probe and rows is not None and validation_rows(len(rows), val_fraction) is None:
                 logger.warning(
                     "no %s linear probe: %s of the labels is %d images, too few to hold out a validation split",
@@ -226,7 +227,7 @@ def evaluate_features(
                 started = time.perf_counter()
                 probe = fit_linear_probe(
                     memory, memory_labels, test, test_labels, num_classes, seed=seed,
-                    **{**_few_label_schedule(len(memory_labels)), **dict(linear_probe_kwargs or {})},
+                    **{**_few_label_schedule(len(memory_labels)), **probe_kwargs},
                 )
                 seconds["linear_probe"] += time.perf_counter() - started
                 results[f"linear_probe_accuracy_{pool}{suffix}"] = round(probe.accuracy, 4)
