@@ -191,7 +191,9 @@ def run_command(
         _close_progress_bars()
         if resume is not None and getattr(error, "resume_from", None) is not None:
             message += f"; continue with: {resume}"
-        print(f"{prog}: {message}", file=sys.stderr)
+        # one write, newline included: stderr is unbuffered, and print() writes the line and its newline apart, so
+        # the lines of processes stopping together (torchrun) could run into each other
+        sys.stderr.write(f"{prog}: {message}\n")
         return code
 
     with command_logging(prog):

@@ -8,6 +8,7 @@ signal stops it at once; with several processes, all of them stop after the same
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -20,7 +21,8 @@ import psutil
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from macrl.command_line import EXIT_STOPPED
+from macrl.command_line import EXIT_STOPPED, OneLineErrorParser, run_command as run_a_command
+from macrl.errors import RunStopped
 from macrl.pretrain import build_parser
 from macrl.training.budget import TrainingClock
 from macrl.training.checkpoints import STAGING_DIR, checkpoint_problem
@@ -218,6 +220,34 @@ def test_two_processes_stopped_twice_resume_bit_identical(tmp_path):
     same_weights_and_log(out, reference)
     stops = [line.split(";")[0] for line in _stop_lines(out)]
     assert stops == [f"macrl-pretrain: stopped by SIGTERM after step {step}" for step in (first, first, second, second)]
+
+
+class _Writes(io.StringIO):
+    """A stderr that keeps each write apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_the_stop_line_is_one_write(monkeypatch):
+    """stderr is unbuffered: a line written in two pieces (print's text, then its newline) runs into the line of
+    another process stopping at the same moment, as torchrun's processes do; the stop line is one write."""
+
+    def stopped(args):
+        raise RunStopped("stopped by SIGTERM after step 5; its checkpoint: run/checkpoints/checkpoint-5",
+                         resume_from=Path("run/checkpoints/checkpoint-5"))
+
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    code = run_a_command("macrl-pretrain", OneLineErrorParser(), stopped, [], resume="macrl-pretrain --resume")
+    line = "macrl-pretrain: stopped by SIGTERM after step 5; its checkpoint: run/checkpoints/checkpoint-5; " \
+           "continue with: macrl-pretrain --resume\n"
+    assert code == EXIT_STOPPED and line in stderr.writes, stderr.writes
 
 
 def test_stop_signals_flag():

@@ -28,6 +28,7 @@ from ..atomic_files import atomic_path
 from ..data import UnreadableImageError, build_eval_transform
 from ..data.shards import UnreadableShardError
 from ..data.streaming_two_view_dataset import StreamPositions
+from ..distributed import leave_process_group
 from ..errors import OutputWriteError, RunStopped, first_line
 from ..evaluation.finetune import enable_checkpointing, is_checkpointing
 from ..evaluation.labels import num_classes_of
@@ -107,13 +108,15 @@ def run_pretraining(args: PretrainingArguments) -> dict:
             raise
         raise failed from error
     cpu_seconds = time.process_time() - cpu_started  # every thread of this process: the work, and any spinning
-    if (stopped_by := callbacks.stop_signals.stopped_by) is not None:  # every process agreed on it
+    stopped_by = callbacks.stop_signals.stopped_by  # every process agreed on it
+    skipped = None if stopped_by is not None else trainer.skipped_unreadable()  # a collective: every process
+    leave_process_group()  # the last collective is behind: rank 0 goes its own way, the others end
+    if stopped_by is not None:
         step = callbacks.stop_signals.stopped_at
         written = plan.checkpoint_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         written = written if written.is_dir() else last_complete_checkpoint(plan.checkpoint_dir)
         raise RunStopped(f"stopped by {stopped_by.name} after step {step}; its checkpoint: {written}",
                          resume_from=written)
-    skipped = trainer.skipped_unreadable()  # before rank 0 goes its own way: every process takes part
     if not trainer.is_world_process_zero():
         return {}
 
