@@ -1,8 +1,11 @@
-"""`benchmarks/quality.py`: a pretraining run cut short continues from its checkpoint instead of starting over."""
+"""`benchmarks/quality.py`: a pretraining run cut short continues from its checkpoint instead of starting over;
+`benchmarks/step_cost.py` prints the step cost of each variant."""
 
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from macrl.pretrain import main as pretrain
@@ -40,3 +43,18 @@ def test_a_run_cut_short_continues_from_its_checkpoint(tmp_path):
     stamp = (run_dir / "results.json").stat().st_mtime_ns
     quality.run_pretraining("macrl", 0, 0.1, run_dir, [*FAST], step_seconds=1.0)
     assert (run_dir / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_step_cost_prints_each_variant_against_the_preset():
+    """`benchmarks/step_cost.py` (a screen's step time): one row per variant after the preset's, the preset at 1.00x,
+    and a variant that does twice the work (symmetric_loss: both views through both branches) costs more."""
+    script = REPO / "benchmarks" / "step_cost.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--config", "tiny", "--batch-size", "16", "--rounds", "5", "--warmup", "1",
+         "--variant", 'symmetric={"symmetric_loss": true}'],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [row[0].strip() for row in rows] == ["preset", "symmetric"]
+    assert rows[0][2].strip() == "1.00x" and float(rows[1][2].strip()[:-1]) > 1.0
