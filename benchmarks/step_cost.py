@@ -2,7 +2,7 @@
 budget into its fixed step count (`benchmarks/quality.py --step-seconds macrl=BASE_SECONDS*RATIO`).
 
 Every variant (the preset with config overrides) trains round-robin with the others, one step each in turn, in one
-process, on the same random batch (bf16 autocast where the CPU has bf16 kernels, AdamW, the EMA update): other load
+process (`speed.py`'s pre-training step and round-robin), on a random batch (bf16 autocast where the CPU has bf16 kernels, AdamW, the EMA update): other load
 on the machine slows every variant alike, so the ratios hold where the seconds do not.
 
     python benchmarks/step_cost.py --variant symmetric='{"symmetric_loss": true}'
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from speed import Result, machine_lines, pretraining_step, time_round_robin  # this folder is the script's sys.path[0]
 
 from macrl import MACRLForPreTraining
 from macrl.precision import cpu_runs_bf16_fast
@@ -31,33 +30,22 @@ def _variant(text: str) -> tuple[str, dict]:
 
 def step_costs(config: str, variants: list[tuple[str, dict]], batch_size: int, rounds: int, warmup: int,
                bf16: bool) -> list[tuple[str, float]]:
-    """Median seconds of a training step of each variant, measured round-robin."""
-    models, optimizers = [], []
-    for _, overrides in variants:
+    """Median seconds of a training step of each variant, timed round-robin (`speed.py`'s pre-training step)."""
+    cpu = torch.device("cpu")
+    steps, results = {}, {}
+    for name, overrides in variants:
         torch.manual_seed(0)
         model = MACRLForPreTraining(load_config(config, **overrides)).train()
-        models.append(model)
-        optimizers.append(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
-    size, channels = models[0].config.image_size, models[0].config.num_channels
-    strong, weak = torch.randn(batch_size, channels, size, size), torch.randn(batch_size, channels, size, size)
-
-    def step(index: int) -> float:
-        started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = models[index](strong, weak).loss
-        loss.backward()
-        optimizers[index].step()
-        optimizers[index].zero_grad(set_to_none=True)
-        models[index].update_momentum_branch(0.5)
-        return time.perf_counter() - started
-
-    times: list[list[float]] = [[] for _ in variants]
-    for round_ in range(warmup + rounds):
-        for index in range(len(variants)):
-            seconds = step(index)
-            if round_ >= warmup:
-                times[index].append(seconds)
-    return [(name, statistics.median(seconds)) for (name, _), seconds in zip(variants, times)]
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        size, channels = model.config.image_size, model.config.num_channels
+        strong, weak = torch.randn(batch_size, channels, size, size), torch.randn(batch_size, channels, size, size)
+        steps[name] = pretraining_step(model, model, optimizer, strong, weak, amp=bf16, is_macrl=True, device=cpu)
+        results[name] = Result(config, name, batch_size)
+    time_round_robin(steps, warmup, rounds, cpu, results)
+    for result in results.values():
+        if result.error is not None:
+            raise RuntimeError(f"variant {result.case}: {result.error}")
+    return [(name, results[name].seconds) for name, _ in variants]
 
 
 def main() -> None:
@@ -71,6 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     bf16 = cpu_runs_bf16_fast()
     costs = step_costs(args.config, [("preset", {}), *args.variant], args.batch_size, args.rounds, args.warmup, bf16)
+    print("\n".join(machine_lines(torch.device("cpu"))))
     print(f"{args.config}, batch {args.batch_size}, {'bf16 autocast' if bf16 else 'fp32'}, median of {args.rounds}")
     print("| variant | s / step | vs preset |")
     print("|---|---|---|")
